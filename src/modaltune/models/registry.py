@@ -1,0 +1,65 @@
+"""Model registry: every trainable or probed model is a plain ``nn.Module`` registered by name.
+
+A model differs from the others only by its module and its config block; the one trainer and the
+one evaluator in ``modaltune.training`` / ``modaltune.evaluation`` serve all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# Modules that register models on import; imported lazily so ``import modaltune`` stays torch-free.
+_MODEL_MODULES = (
+    "modaltune.models.modaltune",
+    "modaltune.models.baselines",
+)
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+@dataclass
+class ModelDims:
+    """Data-dependent sizes a model needs at construction time."""
+
+    feature_dim: int
+    n_genes: int
+    pathway_groups: list[list[int]] = field(default_factory=list)
+    clinical_dim: int = 0
+    n_classes: int = 2
+    n_bins: int = 4
+    text_dim: int = 0
+
+
+def register_model(name: str):
+    """Decorator: ``@register_model("abmil")`` on a builder ``fn(cfg: dict, dims: ModelDims) -> nn.Module``."""
+
+    def deco(fn):
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise KeyError(f"model architecture {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    for mod in _MODEL_MODULES:
+        importlib.import_module(mod)
+
+
+def available_models() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def build_model(arch: str, cfg: dict, dims: ModelDims):
+    """Build the registered architecture ``arch`` from its config block."""
+    _load_all()
+    if arch not in _REGISTRY:
+        raise KeyError(
+            f"unknown model architecture {arch!r}; config key models.<name>.arch must be one of "
+            f"{sorted(_REGISTRY)}"
+        )
+    return _REGISTRY[arch](cfg, dims)
