@@ -1,0 +1,128 @@
+# Shared helpers: cohort sheets, input functions, wildcard constraints.
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from modaltune.workflow import (
+    cohort_inputs,
+    demo_cohorts,
+    load_sheet,
+    pancancer_members,
+    site_cohorts,
+)
+
+RESULTS = config.get("results_dir", "results")
+ENCODER = config["embedding"]["encoder"]
+SCHEME = config["splits"]["scheme"]
+SEEDS = [int(s) for s in config["seeds"]]
+MODELS = list(config["models"])
+N_FOLDS = 1 if SCHEME == "fixed" else int(config["splits"]["n_folds"])
+FOLDS = list(range(N_FOLDS))
+
+SITE_COHORTS = site_cohorts(config)
+PANCANCER = pancancer_members(config)
+INPUTS = {c: cohort_inputs(config, c) for c in SITE_COHORTS}
+SHEETS = {c: load_sheet(config, c) for c in SITE_COHORTS}
+
+
+def _alt(names):
+    return "|".join(sorted(names)) or "__none__"
+
+
+wildcard_constraints:
+    cohort="[A-Za-z0-9_.-]+",
+    slide="[^/]+",
+    encoder="[A-Za-z0-9_.-]+",
+    model="[A-Za-z0-9_.-]+",
+    seed=r"\d+",
+    fold=r"\d+",
+
+
+def slide_file(wildcards):
+    sheet = SHEETS[wildcards.cohort]
+    return sheet.at[wildcards.slide, "path"]
+
+
+def slide_mpp(wildcards):
+    mpp = SHEETS[wildcards.cohort].at[wildcards.slide, "mpp"]
+    return None if pd.isna(mpp) else float(mpp)
+
+
+def member_cohorts(cohort):
+    return PANCANCER.get(cohort, [cohort])
+
+
+def feature_files(cohort):
+    return [
+        f"{RESULTS}/{c}/features/{ENCODER}/{s}.h5"
+        for c in member_cohorts(cohort)
+        for s in SHEETS[c].index
+    ]
+
+
+def sheet_files(cohort):
+    return [INPUTS[c]["sheet"] for c in member_cohorts(cohort)]
+
+
+def run_dir(cohort="{cohort}", model="{model}", seed="{seed}", fold="{fold}"):
+    return f"{RESULTS}/{cohort}/runs/{model}/seed_{seed}/fold_{fold}"
+
+
+def training_inputs(wildcards):
+    c = wildcards.cohort
+    return {
+        "features": feature_files(c),
+        "sheets": sheet_files(c),
+        "cases": f"{RESULTS}/{c}/clinical/cases.parquet",
+        "splits": f"{RESULTS}/{c}/splits/{SCHEME}.parquet",
+        "pathways": f"{RESULTS}/{c}/genomics/pathways.parquet",
+        "text": f"{RESULTS}/{c}/text/fold_{wildcards.fold}.h5",
+    }
+
+
+def eval_data_inputs(wildcards):
+    """Data of the cohort the probes are fitted and scored on (OOD: another cohort)."""
+    c = wildcards.get("eval_cohort", wildcards.cohort)
+    return {
+        "features": feature_files(c),
+        "sheets": sheet_files(c),
+        "cases": f"{RESULTS}/{c}/clinical/cases.parquet",
+        "splits": f"{RESULTS}/{c}/splits/{SCHEME}.parquet",
+        "pathways": f"{RESULTS}/{c}/genomics/pathways.parquet",
+    }
+
+
+def metrics_files(cohort):
+    return expand(
+        run_dir(cohort) + "/metrics.json", model=MODELS, seed=SEEDS, fold=FOLDS
+    )
+
+
+def ood_metrics_files(cohort):
+    out = []
+    for pair in config.get("ood", []):
+        if pair["eval"] != cohort:
+            continue
+        models = pair.get("models", MODELS)
+        out += expand(
+            f"{RESULTS}/{cohort}/ood/{pair['train']}/{{model}}/seed_{{seed}}/fold_{{fold}}/metrics.json",
+            model=models,
+            seed=SEEDS,
+            fold=FOLDS,
+        )
+    return out
+
+
+def history_files(cohort):
+    return expand(
+        run_dir(cohort) + "/history.parquet", model=MODELS, seed=SEEDS, fold=FOLDS
+    )
+
+
+def all_cohorts():
+    return list(SITE_COHORTS) + list(PANCANCER)
+
+
+def all_targets():
+    return [f"{RESULTS}/{c}/tables/summary.md" for c in all_cohorts()]

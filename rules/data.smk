@@ -1,0 +1,107 @@
+# Cohort-level data: RNA pathways, clinical table + labels, splits, per-fold text targets.
+
+
+rule rna_pathways:
+    input:
+        rna=lambda wc: INPUTS[wc.cohort]["rna"],
+        gene_sets=lambda wc: INPUTS[wc.cohort]["gene_sets"],
+    output:
+        parquet=f"{RESULTS}/{{cohort}}/genomics/pathways.parquet",
+        report=f"{RESULTS}/{{cohort}}/genomics/report.json",
+    params:
+        genomics=config["genomics"],
+        patients=lambda wc: sorted(set(SHEETS[wc.cohort]["patient_id"])),
+    wildcard_constraints:
+        cohort=_alt(SITE_COHORTS),
+    log:
+        "logs/rna_pathways/{cohort}.log",
+    conda:
+        "../envs/genomics.yaml"
+    script:
+        "../workflow/scripts/rna_pathways.py"
+
+
+rule clinical_table:
+    input:
+        clinical=lambda wc: INPUTS[wc.cohort]["clinical"],
+        biospecimen=lambda wc: INPUTS[wc.cohort]["biospecimen"],
+        sheet=lambda wc: INPUTS[wc.cohort]["sheet"],
+        rna=rules.rna_pathways.output.parquet,
+    output:
+        parquet=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
+        report=f"{RESULTS}/{{cohort}}/clinical/report.json",
+    params:
+        site=lambda wc: config["cohorts"][wc.cohort]["site"],
+        label_map=lambda wc: config["cohorts"][wc.cohort].get("label_map") or None,
+    wildcard_constraints:
+        cohort=_alt(SITE_COHORTS),
+    log:
+        "logs/clinical_table/{cohort}.log",
+    conda:
+        "../envs/genomics.yaml"
+    script:
+        "../workflow/scripts/clinical_table.py"
+
+
+rule splits:
+    input:
+        cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
+        sheet=lambda wc: INPUTS[wc.cohort]["sheet"],
+    output:
+        parquet=f"{RESULTS}/{{cohort}}/splits/{{scheme}}.parquet",
+        summary=f"{RESULTS}/{{cohort}}/splits/{{scheme}}_summary.tsv",
+    params:
+        splits=config["splits"],
+    wildcard_constraints:
+        cohort=_alt(SITE_COHORTS),
+    log:
+        "logs/splits/{cohort}_{scheme}.log",
+    conda:
+        "../envs/genomics.yaml"
+    script:
+        "../workflow/scripts/splits.py"
+
+
+rule pancancer_merge:
+    input:
+        cases=lambda wc: expand(
+            f"{RESULTS}/{{c}}/clinical/cases.parquet", c=PANCANCER[wc.cohort]
+        ),
+        pathways=lambda wc: expand(
+            f"{RESULTS}/{{c}}/genomics/pathways.parquet", c=PANCANCER[wc.cohort]
+        ),
+        splits=lambda wc: expand(
+            f"{RESULTS}/{{c}}/splits/{SCHEME}.parquet", c=PANCANCER[wc.cohort]
+        ),
+    output:
+        cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
+        pathways=f"{RESULTS}/{{cohort}}/genomics/pathways.parquet",
+        splits=f"{RESULTS}/{{cohort}}/splits/{SCHEME}.parquet",
+    params:
+        members=lambda wc: PANCANCER[wc.cohort],
+    wildcard_constraints:
+        cohort=_alt(PANCANCER),
+    log:
+        "logs/pancancer_merge/{cohort}.log",
+    conda:
+        "../envs/genomics.yaml"
+    script:
+        "../workflow/scripts/pancancer_merge.py"
+
+
+rule text_targets:
+    input:
+        cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
+        splits=f"{RESULTS}/{{cohort}}/splits/{SCHEME}.parquet",
+    output:
+        h5=f"{RESULTS}/{{cohort}}/text/fold_{{fold}}.h5",
+    params:
+        text=config["text"],
+    resources:
+        gpu=1,
+    log:
+        "logs/text_targets/{cohort}_fold_{fold}.log",
+    conda:
+        "../envs/text.yaml"
+    script:
+        "../workflow/scripts/text_targets.py"

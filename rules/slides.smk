@@ -1,0 +1,43 @@
+# Per-slide stages: tissue detection + grid, then patch embedding (one job per slide).
+
+
+rule tile:
+    input:
+        slide=slide_file,
+    output:
+        h5=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.h5",
+        qc=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
+    params:
+        tiling=config["tiling"],
+        mpp=slide_mpp,
+    log:
+        "logs/tile/{cohort}/{slide}.log",
+    group:
+        "slides"
+    conda:
+        "../envs/tiling.yaml"
+    script:
+        "../workflow/scripts/tile.py"
+
+
+rule embed_patches:
+    input:
+        tiles=rules.tile.output.h5,
+        slide=slide_file,
+    output:
+        h5=f"{RESULTS}/{{cohort}}/features/{{encoder}}/{{slide}}.h5",
+    params:
+        embedding=config["embedding"],
+    resources:
+        gpu=1,
+    threads: 2
+    log:
+        "logs/embed_patches/{cohort}/{encoder}/{slide}.log",
+    benchmark:
+        "benchmarks/out/embed_patches/{cohort}/{encoder}/{slide}.tsv"
+    group:
+        "slides"
+    conda:
+        "../envs/embed.yaml"
+    script:
+        "../workflow/scripts/embed_patches.py"

@@ -1,0 +1,14 @@
+"""Snakemake adapter: summary tables, paired comparisons and plots for one cohort."""
+
+from pathlib import Path
+
+from modaltune.aggregate import aggregate
+from modaltune.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    aggregate(
+        list(snakemake.input.metrics),
+        str(Path(snakemake.output.md).parent.parent),
+        feature_files=list(snakemake.input.features),
+        history_files=list(snakemake.input.histories),
+    )

@@ -1,0 +1,7 @@
+"""Snakemake adapter: embed one slide's tiles into a features HDF5."""
+
+from modaltune.embedding import embed_slide
+from modaltune.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    embed_slide(snakemake.input.tiles, snakemake.output.h5, **snakemake.params.embedding)

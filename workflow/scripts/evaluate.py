@@ -1,0 +1,21 @@
+"""Snakemake adapter: linear probes on a trained run's embeddings (in-distribution or OOD)."""
+
+from pathlib import Path
+
+from modaltune.evaluation import evaluate_run
+from modaltune.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    evaluate_run(
+        run_dir=str(Path(snakemake.input.state).parent),
+        cases_path=snakemake.input.cases,
+        splits_path=snakemake.input.splits,
+        fold=int(snakemake.wildcards.fold),
+        pathways_path=snakemake.input.pathways,
+        feature_files=list(snakemake.input.features),
+        sheet=list(snakemake.input.sheets),
+        out_metrics=snakemake.output.metrics,
+        out_embeddings=snakemake.output.embeddings,
+        probe_cfg=snakemake.params.probes,
+        eval_cohort=snakemake.params.eval_cohort,
+    )

@@ -1,0 +1,13 @@
+"""Snakemake adapter: label prompts -> text embeddings for one fold."""
+
+from modaltune.text import build_text_targets
+from modaltune.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    build_text_targets(
+        snakemake.input.cases,
+        snakemake.input.splits,
+        int(snakemake.wildcards.fold),
+        snakemake.output.h5,
+        **snakemake.params.text,
+    )

@@ -1,0 +1,22 @@
+"""Snakemake adapter: train one (model, seed, fold)."""
+
+from pathlib import Path
+
+from modaltune.training import train_run
+from modaltune.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    train_run(
+        model_name=snakemake.wildcards.model,
+        model_cfg=snakemake.params.model_cfg,
+        train_cfg=snakemake.params.train_cfg,
+        cases_path=snakemake.input.cases,
+        splits_path=snakemake.input.splits,
+        fold=int(snakemake.wildcards.fold),
+        seed=int(snakemake.wildcards.seed),
+        pathways_path=snakemake.input.pathways,
+        feature_files=list(snakemake.input.features),
+        sheet=list(snakemake.input.sheets),
+        text_h5=snakemake.input.text,
+        out_dir=str(Path(snakemake.output.state).parent),
+    )
