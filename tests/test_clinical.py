@@ -61,10 +61,43 @@ DOTTED = {
 M = "'--"
 # (patient, age, vital, death, follow, stage, t, n, m, diagnosis)
 PATIENTS = [
-    ("TCGA-AA-0001", "61", "Alive", M, "761", "Stage IIA", "T2", "N0 (i-)", "M0", "Infiltrating duct carcinoma, NOS"),
-    ("TCGA-AA-0002", "48", "Dead", "304.4", "100", "Stage IIIC", "T4b", "N3a", "M0", "Lobular carcinoma, NOS"),
+    (
+        "TCGA-AA-0001",
+        "61",
+        "Alive",
+        M,
+        "761",
+        "Stage IIA",
+        "T2",
+        "N0 (i-)",
+        "M0",
+        "Infiltrating duct carcinoma, NOS",
+    ),
+    (
+        "TCGA-AA-0002",
+        "48",
+        "Dead",
+        "304.4",
+        "100",
+        "Stage IIIC",
+        "T4b",
+        "N3a",
+        "M0",
+        "Lobular carcinoma, NOS",
+    ),
     ("TCGA-AA-0003", M, "Dead", M, "500", "Stage X", "TX", "NX", "MX", "Mucinous adenocarcinoma"),
-    ("TCGA-AA-0004", "70", "Not Reported", M, "-91.32", M, "Tis", "N1mi", "cM0 (i+)", "Lobular carcinoma, NOS"),
+    (
+        "TCGA-AA-0004",
+        "70",
+        "Not Reported",
+        M,
+        "-91.32",
+        M,
+        "Tis",
+        "N1mi",
+        "cM0 (i+)",
+        "Lobular carcinoma, NOS",
+    ),
     ("TCGA-AA-0005", "55", M, M, "1000", "Stage IV", "T1c", "N2", "M1", "Infiltrating duct carcinoma, NOS"),
     ("TCGA-AA-0006", "66", "Alive", M, M, "Stage I", "T1", "N0", "M0", M),
 ]
@@ -101,9 +134,13 @@ def _write_clinical(path, names, *, extra_treatment_rows=True, order=None):
 
 
 def _write_slides(path, dotted=False):
-    pid_col, slide_col = ("cases.submitter_id", "slides.submitter_id") if dotted else (
-        "case_submitter_id",
-        "slide_submitter_id",
+    pid_col, slide_col = (
+        ("cases.submitter_id", "slides.submitter_id")
+        if dotted
+        else (
+            "case_submitter_id",
+            "slide_submitter_id",
+        )
     )
     rows = [
         ("TCGA-AA-0001", "TCGA-AA-0001-01Z-00-DX1"),
@@ -144,7 +181,10 @@ def test_both_schemas_give_identical_tables(tmp_path):
 
 def test_gdc_missing_literal_and_survival_rules(tmp_path):
     table = build_clinical_table(
-        _write_clinical(tmp_path / "c.tsv", FLAT), None, tmp_path / "c.parquet", cohort="BRCA",
+        _write_clinical(tmp_path / "c.tsv", FLAT),
+        None,
+        tmp_path / "c.parquet",
+        cohort="BRCA",
         report_path=tmp_path / "report.json",
     ).set_index("patient_id")
     report = json.loads((tmp_path / "report.json").read_text())
@@ -195,7 +235,9 @@ def test_conflicting_rows_reported_and_follow_up_max(tmp_path):
     frame.loc[second, "ajcc_pathologic_stage"] = "Stage IIIA"
     frame.loc[second, "days_to_last_follow_up"] = "900"
     frame.to_csv(path, sep="\t", index=False)
-    table = build_clinical_table(path, None, tmp_path / "o.parquet", cohort="BRCA", report_path=tmp_path / "r.json")
+    table = build_clinical_table(
+        path, None, tmp_path / "o.parquet", cohort="BRCA", report_path=tmp_path / "r.json"
+    )
     rep = json.loads((tmp_path / "r.json").read_text())
     row = table.set_index("patient_id").loc["TCGA-AA-0001"]
     assert row["stage"] == "II"  # first non-missing in file order
@@ -237,14 +279,27 @@ def test_sheet_counts_rna_and_unknown_sheet_patients(tmp_path):
     import pyarrow.parquet as pq
 
     clin = _write_clinical(tmp_path / "c.tsv", FLAT)
-    rna = pd.DataFrame({"G1": [1.0, 2.0], "sample_id": ["s1", "s2"]}, index=pd.Index(
-        ["TCGA-AA-0002", "TCGA-AA-0005"], name="patient_id"))
+    rna = pd.DataFrame(
+        {"G1": [1.0, 2.0], "sample_id": ["s1", "s2"]},
+        index=pd.Index(["TCGA-AA-0002", "TCGA-AA-0005"], name="patient_id"),
+    )
     pq.write_table(pa.Table.from_pandas(rna), tmp_path / "rna.parquet")
-    sheet = pd.DataFrame({"slide_id": ["s1", "s2", "s3"], "patient_id": ["TCGA-AA-0001"] * 2 + ["TCGA-AA-0006"],
-                          "path": ["a.svs", "b.svs", "c.svs"]})
+    sheet = pd.DataFrame(
+        {
+            "slide_id": ["s1", "s2", "s3"],
+            "patient_id": ["TCGA-AA-0001"] * 2 + ["TCGA-AA-0006"],
+            "path": ["a.svs", "b.svs", "c.svs"],
+        }
+    )
     sheet.to_csv(tmp_path / "sheet.tsv", sep="\t", index=False)
-    table = build_clinical_table(clin, None, tmp_path / "o.parquet", cohort="BRCA", sheet=tmp_path / "sheet.tsv",
-                                 rna_parquet=tmp_path / "rna.parquet").set_index("patient_id")
+    table = build_clinical_table(
+        clin,
+        None,
+        tmp_path / "o.parquet",
+        cohort="BRCA",
+        sheet=tmp_path / "sheet.tsv",
+        rna_parquet=tmp_path / "rna.parquet",
+    ).set_index("patient_id")
     assert table["n_slides"].to_dict()["TCGA-AA-0001"] == 2 and table.loc["TCGA-AA-0006", "n_slides"] == 1
     assert table.loc["TCGA-AA-0003", "n_slides"] == 0  # kept without slides
     assert table.index[table["has_rna"]].tolist() == ["TCGA-AA-0002", "TCGA-AA-0005"]
@@ -305,7 +360,13 @@ def test_staging_normalisation(fn, raw, expected):
     [
         ("BRCA", "Infiltrating duct carcinoma, NOS", "TCGA-BRCA", "infiltrating duct carcinoma", 0),
         ("BRCA", "Lobular carcinoma, NOS", "TCGA-BRCA", "lobular carcinoma", 1),
-        ("BRCA", "Infiltrating duct and lobular carcinoma", "TCGA-BRCA", "infiltrating duct and lobular carcinoma", -1),
+        (
+            "BRCA",
+            "Infiltrating duct and lobular carcinoma",
+            "TCGA-BRCA",
+            "infiltrating duct and lobular carcinoma",
+            -1,
+        ),
         ("GBMLGG", "Glioblastoma", "TCGA-GBM", "glioblastoma", 0),
         ("GBMLGG", "Oligodendroglioma, anaplastic", "TCGA-LGG", "oligodendroglioma, anaplastic", 1),
         ("GBMLGG", "Astrocytoma, NOS", "TCGA-LGG", "astrocytoma", 1),
@@ -313,16 +374,33 @@ def test_staging_normalisation(fn, raw, expected):
         ("NSCLC", "Adenocarcinoma, NOS", "TCGA-LUAD", "lung adenocarcinoma", 0),
         ("NSCLC", "Adenocarcinoma with mixed subtypes", "TCGA-LUAD", "lung adenocarcinoma", 0),
         ("NSCLC", "Squamous cell carcinoma, NOS", "TCGA-LUSC", "lung squamous cell carcinoma", 1),
-        ("NSCLC", "Squamous cell carcinoma, keratinizing, NOS", "TCGA-LUSC", "lung squamous cell carcinoma", 1),
-        ("NSCLC", "Squamous cell carcinoma, large cell, nonkeratinizing, NOS", "TCGA-LUSC",
-         "lung squamous cell carcinoma", 1),
+        (
+            "NSCLC",
+            "Squamous cell carcinoma, keratinizing, NOS",
+            "TCGA-LUSC",
+            "lung squamous cell carcinoma",
+            1,
+        ),
+        (
+            "NSCLC",
+            "Squamous cell carcinoma, large cell, nonkeratinizing, NOS",
+            "TCGA-LUSC",
+            "lung squamous cell carcinoma",
+            1,
+        ),
         ("NSCLC", "Papillary adenocarcinoma, NOS", "TCGA-LUAD", "lung papillary adenocarcinoma", -1),
         ("RCC", "Papillary adenocarcinoma, NOS", "TCGA-KIRP", "papillary renal cell carcinoma", 0),
         ("RCC", "Clear cell adenocarcinoma, NOS", "TCGA-KIRC", "clear cell renal cell carcinoma", 1),
         ("RCC", "Renal cell carcinoma, NOS", "TCGA-KIRC", "clear cell renal cell carcinoma", 1),
         ("RCC", "Renal cell carcinoma, chromophobe type", "TCGA-KICH", "chromophobe renal cell carcinoma", 2),
         ("BLCA", "Transitional cell carcinoma", "TCGA-BLCA", "transitional cell carcinoma", 0),
-        ("BLCA", "Papillary transitional cell carcinoma", "TCGA-BLCA", "papillary transitional cell carcinoma", 1),
+        (
+            "BLCA",
+            "Papillary transitional cell carcinoma",
+            "TCGA-BLCA",
+            "papillary transitional cell carcinoma",
+            1,
+        ),
         ("BLCA", "Papillary adenocarcinoma, NOS", "TCGA-BLCA", "papillary transitional cell carcinoma", 1),
         ("BLCA", "Squamous cell carcinoma, NOS", "TCGA-BLCA", "squamous cell carcinoma", -1),
         ("COADREAD", "Adenocarcinoma, NOS", "TCGA-COAD", "colon adenocarcinoma", 0),
@@ -352,8 +430,9 @@ def test_label_map_override(tmp_path):
     labels = table.set_index("patient_id")["label"]
     assert labels["TCGA-AA-0003"] == 2 and labels["TCGA-AA-0002"] == 1
     assert labels["TCGA-AA-0001"] == -1  # override replaces the default map
-    flat_override = build_clinical_table(clin, None, tmp_path / "p.parquet", cohort="BRCA",
-                                         label_map={"mucinous adenocarcinoma": 0})
+    flat_override = build_clinical_table(
+        clin, None, tmp_path / "p.parquet", cohort="BRCA", label_map={"mucinous adenocarcinoma": 0}
+    )
     assert flat_override.set_index("patient_id")["label"]["TCGA-AA-0003"] == 0
     with pytest.raises(InputError, match="class"):
         build_clinical_table(clin, None, tmp_path / "q.parquet", cohort="BRCA", label_map={"x": "one"})
@@ -361,14 +440,16 @@ def test_label_map_override(tmp_path):
 
 def _cases(ages, ids=None):
     ids = ids or [f"P{i}" for i in range(len(ages))]
-    return pd.DataFrame({
-        "patient_id": ids,
-        "stage": ["II", None, "IV", "X"][: len(ages)],
-        "t": ["T2", "T0", None, "T9"][: len(ages)],
-        "n": ["N0", "NX", "N3", None][: len(ages)],
-        "m": ["M0", None, "M1", "MX"][: len(ages)],
-        "age": ages,
-    })
+    return pd.DataFrame(
+        {
+            "patient_id": ids,
+            "stage": ["II", None, "IV", "X"][: len(ages)],
+            "t": ["T2", "T0", None, "T9"][: len(ages)],
+            "n": ["N0", "NX", "N3", None][: len(ages)],
+            "m": ["M0", None, "M1", "MX"][: len(ages)],
+            "age": ages,
+        }
+    )
 
 
 def test_covariates_fixed_width_and_missing_indicators():

@@ -205,7 +205,7 @@ def _blank(value) -> str | None:
 
 
 def normalise_stage(value) -> str | None:
-    """"Stage IIIA" -> "III"; one of I, II, III, IV, X, else None."""
+    """ "Stage IIIA" -> "III"; one of I, II, III, IV, X, else None."""
     text = _blank(value)
     if text is None:
         return None
@@ -233,17 +233,17 @@ def _tnm(value, letter: str, max_digit: int) -> str | None:
 
 
 def normalise_t(value) -> str | None:
-    """"T2a" -> "T2", "Tis" -> "T0", "TX" -> "TX"; else None."""
+    """T: "T2a" -> "T2", "Tis" -> "T0", "TX" -> "TX"; else None."""
     return _tnm(value, "T", 4)
 
 
 def normalise_n(value) -> str | None:
-    """"N0 (i+)" / "N1mi" / "N2a" -> "N0" / "N1" / "N2"; "NX"; else None."""
+    """N: "N0 (i+)" / "N1mi" / "N2a" -> "N0" / "N1" / "N2"; "NX"; else None."""
     return _tnm(value, "N", 3)
 
 
 def normalise_m(value) -> str | None:
-    """"cM0 (i+)" -> "M0", "M1b" -> "M1", "MX"; else None."""
+    """M: "cM0 (i+)" -> "M0", "M1b" -> "M1", "MX"; else None."""
     return _tnm(value, "M", 1)
 
 
@@ -457,7 +457,9 @@ def build_clinical_table(
     staged = {}
     for field, fn in (("stage", normalise_stage), ("t", normalise_t), ("n", normalise_n), ("m", normalise_m)):
         values = [fn(v) for v in cases[field]]
-        bad = [str(r) for r, v in zip(cases[field], values, strict=True) if v is None and _blank(r) is not None]
+        bad = [
+            str(r) for r, v in zip(cases[field], values, strict=True) if v is None and _blank(r) is not None
+        ]
         if bad:
             unrecognised[field] = {k: bad.count(k) for k in sorted(set(bad))}
         staged[field] = values
@@ -477,7 +479,9 @@ def build_clinical_table(
         }
     )
     table["has_rna"] = _rna_membership(table["patient_id"], rna_parquet)
-    table["n_slides"], slide_source, without_slides = _slide_counts(table["patient_id"], sheet, biospecimen_tsv)
+    table["n_slides"], slide_source, without_slides = _slide_counts(
+        table["patient_id"], sheet, biospecimen_tsv
+    )
     table = table[list(CASES_COLUMNS)].sort_values("patient_id").reset_index(drop=True)
 
     with atomic_path(out_parquet) as tmp:
@@ -513,10 +517,20 @@ def build_clinical_table(
     if report_path is not None:
         write_json(report, report_path)
     if len(unknown):
-        log.warning("%s: %d patients with a diagnosis outside the label map (label -1): %s",
-                    code, int(unknown.sum()), dict(unknown.head(10)))
-    log.info("%s: %d patients, labels %s, %d events, %d with RNA", code, len(table),
-             report["label_counts"], report["n_events"], report["n_with_rna"])
+        log.warning(
+            "%s: %d patients with a diagnosis outside the label map (label -1): %s",
+            code,
+            int(unknown.sum()),
+            dict(unknown.head(10)),
+        )
+    log.info(
+        "%s: %d patients, labels %s, %d events, %d with RNA",
+        code,
+        len(table),
+        report["label_counts"],
+        report["n_events"],
+        report["n_with_rna"],
+    )
     return table
 
 
@@ -589,7 +603,9 @@ def encode_covariates(cases: pd.DataFrame, train_ids: list[str]) -> tuple[np.nda
     known = set(cases["patient_id"].astype(str))
     absent = [p for p in train_ids if p not in known]
     if absent:
-        raise InputError(f"encode_covariates: {len(absent)} training patient(s) not in cases, e.g. {absent[:5]}")
+        raise InputError(
+            f"encode_covariates: {len(absent)} training patient(s) not in cases, e.g. {absent[:5]}"
+        )
     train = cases[cases["patient_id"].astype(str).isin(set(train_ids))]
     ages = pd.to_numeric(train["age"], errors="coerce").dropna().to_numpy(float)
     mean = float(ages.mean()) if len(ages) else 0.0
