@@ -140,7 +140,7 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
             " expected a genes x samples matrix of numbers"
         )
     arr = values.to_numpy(dtype=np.float64)
-    n_inf = int(np.isinf(arr).sum())
+    n_inf, n_nan_file = int(np.isinf(arr).sum()), int(np.isnan(arr).sum())
     arr[np.isinf(arr)] = np.nan
     df = pd.DataFrame(arr, index=[_clean_gene_id(i) for i in body.index], columns=samples)
     df.index.name = "gene"
@@ -160,7 +160,8 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
         "n_duplicate_rows_dropped": int(dup_mask.sum() - len(dup_ids)),
         "duplicate_gene_ids": dup_ids[:200],
         "duplicate_policy": "keep the row with the highest variance across samples",
-        "n_nan": int(np.isnan(df.to_numpy()).sum()),
+        "n_nan_in_file": n_nan_file,
+        "n_nan": int(np.isnan(df.to_numpy()).sum()),  # after inf -> NaN and duplicate removal
         "n_inf_set_to_nan": n_inf,
     }
     return df
@@ -574,7 +575,7 @@ class GeneScaler:
             raise InputError("GeneScaler.fit: no training patients with RNA in this fold")
         self.genes = gene_columns(df)
         x = df[self.genes].to_numpy(dtype=np.float64, copy=True)
-        n_inf = int(np.isinf(x).sum())
+        n_inf, n_nan = int(np.isinf(x).sum()), int(np.isnan(x).sum())
         x[np.isinf(x)] = np.nan
         all_nan = np.isnan(x).all(axis=0)
         x[:, all_nan] = 0.0  # a gene never measured in training: mean 0, std 1
@@ -584,7 +585,7 @@ class GeneScaler:
         self.std = np.where(np.isfinite(sk.scale_) & (sk.scale_ > 0), sk.scale_, 1.0).astype(np.float64)
         self.n_fitted = int(len(df))
         self.fitted_ids_sha256 = ids_hash(df.index)
-        self.counts = {"fit_n_inf": n_inf, "fit_n_nan": int(np.isnan(x).sum()), "fit_all_nan_genes": int(all_nan.sum())}
+        self.counts = {"fit_n_inf": n_inf, "fit_n_nan": n_nan, "fit_all_nan_genes": int(all_nan.sum())}
         return self
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
@@ -594,9 +595,8 @@ class GeneScaler:
         if absent:
             raise InputError(f"GeneScaler.transform: gene column(s) {absent[:5]} missing; rebuild pathways.parquet")
         x = df[self.genes].to_numpy(dtype=np.float64, copy=True)
-        n_inf = int(np.isinf(x).sum())
+        n_inf, n_nan = int(np.isinf(x).sum()), int(np.isnan(x).sum())
         x[np.isinf(x)] = np.nan
-        n_nan = int(np.isnan(x).sum())
         # Same formula as StandardScaler.transform; numpy so a scaler restored from plain lists needs no pickle.
         z = (x - self.mean) / self.std
         z[np.isnan(z)] = 0.0
