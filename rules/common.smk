@@ -10,18 +10,25 @@ from modaltune.workflow import (
     load_sheet,
     pancancer_members,
     site_cohorts,
+    target_cohorts,
+    target_models,
 )
 
 RESULTS = config.get("results_dir", "results")
 ENCODER = config["embedding"]["encoder"]
 SCHEME = config["splits"]["scheme"]
 SEEDS = [int(s) for s in config["seeds"]]
-MODELS = list(config["models"])
+MODELS = target_models(config)
 N_FOLDS = 1 if SCHEME == "fixed" else int(config["splits"]["n_folds"])
 FOLDS = list(range(N_FOLDS))
 
 SITE_COHORTS = site_cohorts(config)
-PANCANCER = pancancer_members(config)
+PANCANCER = {
+    name: members
+    for name, members in pancancer_members(config).items()
+    if name in target_cohorts(config)
+    or name in {p[side] for p in config.get("ood", []) for side in ("train", "eval")}
+}
 INPUTS = {c: cohort_inputs(config, c) for c in SITE_COHORTS}
 SHEETS = {c: load_sheet(config, c) for c in SITE_COHORTS}
 
@@ -65,8 +72,13 @@ def sheet_files(cohort):
     return [INPUTS[c]["sheet"] for c in member_cohorts(cohort)]
 
 
-def run_dir(cohort="{cohort}", model="{model}", seed="{seed}", fold="{fold}"):
-    return f"{RESULTS}/{cohort}/runs/{model}/seed_{seed}/fold_{fold}"
+# One training run = one (cohort, model, seed, fold).
+RUN = f"{RESULTS}/{{cohort}}/runs/{{model}}/seed_{{seed}}/fold_{{fold}}"
+
+
+def run_files(cohort, name):
+    pattern = f"{RESULTS}/{cohort}/runs/{{model}}/seed_{{seed}}/fold_{{fold}}/{name}"
+    return expand(pattern, model=MODELS, seed=SEEDS, fold=FOLDS)
 
 
 def training_inputs(wildcards):
@@ -94,9 +106,7 @@ def eval_data_inputs(wildcards):
 
 
 def metrics_files(cohort):
-    return expand(
-        run_dir(cohort) + "/metrics.json", model=MODELS, seed=SEEDS, fold=FOLDS
-    )
+    return run_files(cohort, "metrics.json")
 
 
 def ood_metrics_files(cohort):
@@ -115,14 +125,12 @@ def ood_metrics_files(cohort):
 
 
 def history_files(cohort):
-    return expand(
-        run_dir(cohort) + "/history.parquet", model=MODELS, seed=SEEDS, fold=FOLDS
-    )
-
-
-def all_cohorts():
-    return list(SITE_COHORTS) + list(PANCANCER)
+    return run_files(cohort, "history.parquet")
 
 
 def all_targets():
-    return [f"{RESULTS}/{c}/tables/summary.md" for c in all_cohorts()]
+    targets = [f"{RESULTS}/{c}/tables/summary.md" for c in target_cohorts(config)]
+    targets += [
+        f"{RESULTS}/{pair['eval']}/tables/summary.md" for pair in config.get("ood", [])
+    ]
+    return list(dict.fromkeys(targets))

@@ -8,15 +8,15 @@ rule rna_pathways:
     output:
         parquet=f"{RESULTS}/{{cohort}}/genomics/pathways.parquet",
         report=f"{RESULTS}/{{cohort}}/genomics/report.json",
+    log:
+        "logs/rna_pathways/{cohort}.log",
+    wildcard_constraints:
+        cohort=_alt(SITE_COHORTS),
+    conda:
+        "../envs/genomics.yaml"
     params:
         genomics=config["genomics"],
         patients=lambda wc: sorted(set(SHEETS[wc.cohort]["patient_id"])),
-    wildcard_constraints:
-        cohort=_alt(SITE_COHORTS),
-    log:
-        "logs/rna_pathways/{cohort}.log",
-    conda:
-        "../envs/genomics.yaml"
     script:
         "../workflow/scripts/rna_pathways.py"
 
@@ -30,15 +30,15 @@ rule clinical_table:
     output:
         parquet=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
         report=f"{RESULTS}/{{cohort}}/clinical/report.json",
+    log:
+        "logs/clinical_table/{cohort}.log",
+    wildcard_constraints:
+        cohort=_alt(SITE_COHORTS),
+    conda:
+        "../envs/genomics.yaml"
     params:
         site=lambda wc: config["cohorts"][wc.cohort]["site"],
         label_map=lambda wc: config["cohorts"][wc.cohort].get("label_map") or None,
-    wildcard_constraints:
-        cohort=_alt(SITE_COHORTS),
-    log:
-        "logs/clinical_table/{cohort}.log",
-    conda:
-        "../envs/genomics.yaml"
     script:
         "../workflow/scripts/clinical_table.py"
 
@@ -50,14 +50,14 @@ rule splits:
     output:
         parquet=f"{RESULTS}/{{cohort}}/splits/{{scheme}}.parquet",
         summary=f"{RESULTS}/{{cohort}}/splits/{{scheme}}_summary.tsv",
-    params:
-        splits=config["splits"],
-    wildcard_constraints:
-        cohort=_alt(SITE_COHORTS),
     log:
         "logs/splits/{cohort}_{scheme}.log",
+    wildcard_constraints:
+        cohort=_alt(SITE_COHORTS),
     conda:
         "../envs/genomics.yaml"
+    params:
+        splits=config["splits"],
     script:
         "../workflow/scripts/splits.py"
 
@@ -77,14 +77,14 @@ rule pancancer_merge:
         cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
         pathways=f"{RESULTS}/{{cohort}}/genomics/pathways.parquet",
         splits=f"{RESULTS}/{{cohort}}/splits/{SCHEME}.parquet",
-    params:
-        members=lambda wc: PANCANCER[wc.cohort],
-    wildcard_constraints:
-        cohort=_alt(PANCANCER),
     log:
         "logs/pancancer_merge/{cohort}.log",
+    wildcard_constraints:
+        cohort=_alt(PANCANCER),
     conda:
         "../envs/genomics.yaml"
+    params:
+        members=lambda wc: PANCANCER[wc.cohort],
     script:
         "../workflow/scripts/pancancer_merge.py"
 
@@ -95,13 +95,13 @@ rule text_targets:
         splits=f"{RESULTS}/{{cohort}}/splits/{SCHEME}.parquet",
     output:
         h5=f"{RESULTS}/{{cohort}}/text/fold_{{fold}}.h5",
-    params:
-        text=config["text"],
-    resources:
-        gpu=1,
     log:
         "logs/text_targets/{cohort}_fold_{fold}.log",
     conda:
         "../envs/text.yaml"
+    resources:
+        gpu=1,
+    params:
+        text=config["text"],
     script:
         "../workflow/scripts/text_targets.py"

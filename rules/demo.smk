@@ -7,13 +7,13 @@ for _cohort in demo_cohorts(config):
         output:
             **INPUTS[_cohort],
             slides=SHEETS[_cohort]["path"].tolist(),
-        params:
-            out_dir=lambda wildcards, output: str(Path(output.sheet).parent),
-            n_patients=int(config["cohorts"][_cohort]["demo"].get("n_patients", 40)),
-            seed=int(config["cohorts"][_cohort]["demo"].get("seed", 0)),
         log:
             f"logs/demo_cohort/{_cohort}.log",
         conda:
             "../envs/tiling.yaml"
+        params:
+            out_dir=lambda wildcards, output: str(Path(output.sheet).parent),
+            n_patients=int(config["cohorts"][_cohort]["demo"].get("n_patients", 40)),
+            seed=int(config["cohorts"][_cohort]["demo"].get("seed", 0)),
         script:
             "../workflow/scripts/demo_cohort.py"

@@ -7,15 +7,15 @@ rule tile:
     output:
         h5=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.h5",
         qc=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
-    params:
-        tiling=config["tiling"],
-        mpp=slide_mpp,
     log:
         "logs/tile/{cohort}/{slide}.log",
     group:
         "slides"
     conda:
         "../envs/tiling.yaml"
+    params:
+        tiling=config["tiling"],
+        mpp=slide_mpp,
     script:
         "../workflow/scripts/tile.py"
 
@@ -26,11 +26,6 @@ rule embed_patches:
         slide=slide_file,
     output:
         h5=f"{RESULTS}/{{cohort}}/features/{{encoder}}/{{slide}}.h5",
-    params:
-        embedding=config["embedding"],
-    resources:
-        gpu=1,
-    threads: 2
     log:
         "logs/embed_patches/{cohort}/{encoder}/{slide}.log",
     benchmark:
@@ -39,5 +34,10 @@ rule embed_patches:
         "slides"
     conda:
         "../envs/embed.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        embedding=config["embedding"],
     script:
         "../workflow/scripts/embed_patches.py"

@@ -5,20 +5,20 @@ rule train:
     input:
         unpack(training_inputs),
     output:
-        state=f"{run_dir()}/state.pt",
-        history=f"{run_dir()}/history.parquet",
-    params:
-        model_cfg=lambda wc: config["models"][wc.model],
-        train_cfg=config["training"],
-    resources:
-        gpu=1,
-    threads: 2
+        state=f"{RUN}/state.pt",
+        history=f"{RUN}/history.parquet",
     log:
         "logs/train/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     benchmark:
         "benchmarks/out/train/{cohort}/{model}/seed_{seed}_fold_{fold}.tsv"
     conda:
         "../envs/train.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        model_cfg=lambda wc: config["models"][wc.model],
+        train_cfg=config["training"],
     script:
         "../workflow/scripts/train.py"
 
@@ -28,17 +28,17 @@ rule evaluate:
         unpack(eval_data_inputs),
         state=rules.train.output.state,
     output:
-        metrics=f"{run_dir()}/metrics.json",
-        embeddings=f"{run_dir()}/embeddings.npz",
-    params:
-        probes=config["probes"],
-        eval_cohort=lambda wc: wc.cohort,
-    resources:
-        gpu=1,
+        metrics=f"{RUN}/metrics.json",
+        embeddings=f"{RUN}/embeddings.npz",
     log:
         "logs/evaluate/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     conda:
         "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        probes=config["probes"],
+        eval_cohort=lambda wc: wc.cohort,
     script:
         "../workflow/scripts/evaluate.py"
 
@@ -50,14 +50,14 @@ rule evaluate_ood:
     output:
         metrics=f"{RESULTS}/{{eval_cohort}}/ood/{{cohort}}/{{model}}/seed_{{seed}}/fold_{{fold}}/metrics.json",
         embeddings=f"{RESULTS}/{{eval_cohort}}/ood/{{cohort}}/{{model}}/seed_{{seed}}/fold_{{fold}}/embeddings.npz",
-    params:
-        probes=config["probes"],
-        eval_cohort=lambda wc: wc.eval_cohort,
-    resources:
-        gpu=1,
     log:
         "logs/evaluate_ood/{eval_cohort}/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     conda:
         "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        probes=config["probes"],
+        eval_cohort=lambda wc: wc.eval_cohort,
     script:
         "../workflow/scripts/evaluate.py"

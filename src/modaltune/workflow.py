@@ -27,9 +27,41 @@ DEMO_FILES = {
 }
 
 
-def site_cohorts(config: dict) -> dict[str, dict]:
-    """Cohorts with their own input files (everything in ``cohorts:``)."""
-    return dict(config["cohorts"])
+def target_cohorts(config: dict) -> list[str]:
+    """Cohorts whose summary tables ``rule all`` asks for (``run.cohorts``).
+
+    Config files are merged key by key, so cohort definitions accumulate across --configfile's;
+    lists replace each other, hence the selection is a list.
+    """
+    names = list(config["run"]["cohorts"])
+    known = set(config["cohorts"]) | set(config.get("pancancer") or {})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"config run.cohorts: {unknown} are neither in cohorts: nor in pancancer:")
+    return names
+
+
+def target_models(config: dict) -> list[str]:
+    names = list(config["run"]["models"])
+    unknown = [n for n in names if n not in config["models"]]
+    if unknown:
+        raise InputError(f"config run.models: {unknown} have no block under models:")
+    return names
+
+
+def site_cohorts(config: dict) -> list[str]:
+    """Site cohorts the DAG needs: the targets, pan-cancer members and both sides of OOD pairs."""
+    pan = pancancer_members(config)
+    needed: list[str] = []
+    for name in target_cohorts(config):
+        needed += pan.get(name, [name])
+    for pair in config.get("ood") or []:
+        for side in ("train", "eval"):
+            needed += pan.get(pair[side], [pair[side]])
+    missing = [c for c in needed if c not in config["cohorts"]]
+    if missing:
+        raise InputError(f"config: cohorts {missing} are used (run.cohorts / ood) but not defined under cohorts:")
+    return list(dict.fromkeys(needed))
 
 
 def pancancer_members(config: dict) -> dict[str, list[str]]:
@@ -44,7 +76,7 @@ def pancancer_members(config: dict) -> dict[str, list[str]]:
 
 
 def demo_cohorts(config: dict) -> list[str]:
-    return [c for c, blk in config["cohorts"].items() if blk.get("demo")]
+    return [c for c in site_cohorts(config) if config["cohorts"][c].get("demo")]
 
 
 def demo_dir(config: dict, cohort: str) -> str:
