@@ -247,6 +247,25 @@ class LongNetViT(nn.Module):
             x = layer(x, lengths)
         return x
 
+    # Backbone protocol used by the Modal Adapter (same methods on the TITAN encoder).
+    @property
+    def n_layers(self) -> int:
+        return len(self.encoder.layers)
+
+    def prepare(self, features: Tensor, coords: Tensor, patch_mask: Tensor | None = None) -> tuple[Tensor, dict]:
+        """-> tokens (B, 1+N, D) with CLS first, and a context for ``run_layer`` / ``image_vector``.
+
+        ``patch_mask`` must hold the real patches first (``ModalTune`` compacts it)."""
+        ctx = {"lengths": self.lengths_from_mask(patch_mask), "token_mask": patch_mask}
+        return self.embed(features, coords, patch_mask), ctx
+
+    def run_layer(self, i: int, h: Tensor, ctx: dict) -> Tensor:
+        return self.encoder.layers[i](h, ctx["lengths"])
+
+    def image_vector(self, h: Tensor, ctx: dict) -> Tensor:
+        # ModalTune reads the raw CLS residual stream: neither encoder.layer_norm nor norm is applied.
+        return h[:, 0]
+
     def forward(self, features: Tensor, coords: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         x = self.forward_features(features, coords, patch_mask)
         return self.norm(self.encoder.layer_norm(x))[:, 0]
