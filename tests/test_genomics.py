@@ -273,3 +273,28 @@ def test_gse7390_end_to_end_cox(tmp_path):
     risk = cph.predict_partial_hazard(te).to_numpy()
     cidx = concordance_index(time[test_ids], -risk, event[test_ids])
     assert np.isfinite(cidx) and cidx > 0.5
+
+
+def test_universe_excludes_constant_genes(tmp_path, gmt):
+    x = _write_xena(tmp_path / "x.tsv", ["TP53", "IL8", "EGFR", "MYC"], ["s1", "s2"], [[1, 2]] * 4)
+    uni = _write_xena(tmp_path / "ebpp.xena", ["?|7157", "TP53", "IL8", "EGFR", "MYC"], ["a", "b", "c"],
+                      [[1, 2, 3], [1, 2, 3], [4, 5, 6], [0.5, 0.5, 0.5], [1, 1, 2]])
+    rep = build_pathways(x, gmt, tmp_path / "p.parquet", tmp_path / "r.json", universe_path=uni)
+    assert rep["groups"] == {"HALLMARK_A": ["TP53", "IL8"], "REACT_B": ["MYC"]}  # EGFR constant pan-cancer
+    assert rep["universe"]["n_constant_or_empty"] == 1
+
+
+def test_combine_site_pathways(tmp_path, gmt):
+    from modaltune.genomics import combine_site_pathways
+
+    paths = {}
+    for site, pid in (("BRCA", "TCGA-AA-0001"), ("LUAD", "TCGA-BB-0001")):
+        x = _write_xena(tmp_path / f"{site}.tsv", ["TP53", "IL8", "EGFR", "MYC"], [f"{pid}-01"], [[1.5]] * 4)
+        paths[site] = tmp_path / f"{site}.parquet"
+        build_pathways(x, gmt, paths[site], tmp_path / f"{site}.json")
+    union = combine_site_pathways(paths, tmp_path / "pan.parquet")
+    df, groups = load_pathways(tmp_path / "pan.parquet")
+    assert list(df.index) == ["TCGA-AA-0001", "TCGA-BB-0001"] and groups["REACT_B"] == ["MYC", "EGFR"]
+    assert len(union) == 2
+    with pytest.raises(InputError, match="two sites"):
+        combine_site_pathways({"A": paths["BRCA"], "B": paths["BRCA"]}, tmp_path / "bad.parquet")

@@ -25,7 +25,7 @@ from modaltune.io_utils import atomic_path, write_json
 
 GROUPS_KEY = b"modaltune.groups"
 SAMPLE_COLUMN = "sample_id"
-NON_GENE_COLUMNS = (SAMPLE_COLUMN,)
+NON_GENE_COLUMNS = (SAMPLE_COLUMN, "patient_id")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _TCGA_BARCODE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-(\d{2})([A-Z]?)(?:-.*)?$", re.IGNORECASE)
@@ -131,7 +131,10 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
             f"{path}: the row ids look like sample barcodes, i.e. the matrix is samples x genes; Xena format is "
             "genes x samples: transpose it"
         )
-    values = body.apply(pd.to_numeric, errors="coerce")
+    values = body.copy()
+    text_cols = body.columns[[not pd.api.types.is_numeric_dtype(t) for t in body.dtypes]]
+    for c in text_cols:  # only columns pandas could not parse (large files: skip the numeric ones)
+        values[c] = pd.to_numeric(body[c], errors="coerce")
     bad = values.isna() & body.notna()
     if bad.to_numpy().any():
         r, c = np.argwhere(bad.to_numpy())[0]
@@ -400,11 +403,14 @@ def build_pathways(
     alias_table=None,
     sample_map=None,
     min_genes_per_pathway: int = 1,
+    universe_path: str | os.PathLike | None = None,
 ) -> dict:
     """Xena matrix + gene sets -> pathways.parquet (patients x genes, raw values) and report.json.
 
     A pathway with fewer than ``min_genes_per_pathway`` genes in the matrix raises InputError; with
     ``min_genes_per_pathway=0`` pathways without any gene are dropped instead (listed in the report).
+    ``universe_path`` (optional, e.g. the EB++ PANCAN matrix): as in the paper, only genes that are
+    non-constant across that matrix are eligible.
     Returns the report dict.
     """
     gene_sets = read_gene_sets(genesets_path)
@@ -417,6 +423,20 @@ def build_pathways(
 
     aliases = load_alias_table(alias_table)
     present = set(matrix.index)
+    universe_report = None
+    if universe_path is not None:
+        universe = read_xena(universe_path)
+        std = universe.std(axis=1, skipna=True)
+        eligible = set(std.index[std > 0])
+        universe_report = {
+            "file": str(universe_path),
+            "n_genes": int(len(universe)),
+            "n_constant_or_empty": int(len(universe) - len(eligible)),
+            "n_matrix_genes_outside_universe": len(present - eligible),
+            "duplicates": universe.attrs["read_report"]["n_duplicate_gene_ids"],
+        }
+        present &= eligible
+        del universe
     groups: dict[str, list[str]] = {}
     per_pathway: dict[str, dict] = {}
     dropped: list[str] = []
@@ -478,6 +498,7 @@ def build_pathways(
         "dropped_pathways_without_genes": dropped,
         "groups": groups,
         "matrix": read_report,
+        "universe": universe_report,
         "n_nan_in_output": int(nan_per_gene.sum()),
         "genes_with_nan": {g: int(n) for g, n in nan_per_gene.items() if n > 0},
         "sample_choices": choice.to_dict(orient="records"),
@@ -642,3 +663,26 @@ class GeneScaler:
         if not (len(obj.genes) == len(obj.mean) == len(obj.std)):
             raise InputError("GeneScaler state: genes, mean and std differ in length")
         return obj
+
+
+def combine_site_pathways(pathway_paths: Mapping[str, str | os.PathLike], out_parquet: str | os.PathLike) -> pd.DataFrame:
+    """Pan-cancer gene table: union of per-site pathways.parquet files with identical gene groups."""
+    frames, ref_groups, ref_site = [], None, None
+    for site, path in pathway_paths.items():
+        df, groups = load_pathways(path)
+        if ref_groups is None:
+            ref_groups, ref_site = groups, site
+        elif groups != ref_groups:
+            diff = sorted(p for p in set(groups) | set(ref_groups) if groups.get(p) != ref_groups.get(p))
+            raise InputError(
+                f"{path}: gene groups of site {site} differ from site {ref_site} (pathways {diff[:5]}); rebuild all "
+                "sites with the same gene-set file and alias table (or build from one pan-cancer Xena matrix)"
+            )
+        frames.append(df)
+    if not frames:
+        raise InputError("combine_site_pathways: no site files given")
+    union = pd.concat(frames)
+    if union.index.has_duplicates:
+        raise InputError(f"patient(s) {sorted(set(union.index[union.index.duplicated()]))[:5]} appear in two sites")
+    _write_pathways(union, ref_groups, Path(out_parquet))
+    return union
