@@ -8,7 +8,7 @@ the generator runs in CPU-only rules and ``demo_sheet`` is called at Snakefile p
 from __future__ import annotations
 
 import gzip
-import io
+import os
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -89,6 +89,10 @@ B_CLASS = 0.7
 B_RISK = 0.9
 CENSOR_FRACTION = 0.35
 
+# Each part draws from its own stream, [seed, namespace, ...]. NumPy's SeedSequence ignores trailing zeros
+# ([s, 2, i] == [s, 2, i, 0]), so every stream gets a distinct namespace rather than a longer key.
+_NS_LAYOUT, _NS_SLIDE, _NS_RNA, _NS_CLINICAL, _NS_PATIENT = 1, 2, 3, 4, 5
+
 
 def _patient_ids(n: int) -> list[str]:
     return [f"TCGA-D0-A{i + 1:03d}" for i in range(n)]
@@ -100,7 +104,7 @@ def _layout(n_patients: int, seed: int) -> pd.DataFrame:
         raise InputError(f"demo cohort: n_patients={n_patients} is too small; use at least 8 so both classes, "
                          "two-slide patients and patients without RNA all occur")
     n = int(n_patients)
-    rng = np.random.default_rng([int(seed), 1])
+    rng = np.random.default_rng([int(seed), _NS_LAYOUT])
     cls = np.zeros(n, dtype=int)
     cls[rng.permutation(n)[: n // 2]] = 1
     risk = rng.standard_normal(n)
@@ -180,7 +184,7 @@ _E_OD = np.array([0.072, 0.990, 0.105], dtype=np.float32)
 _BG_OD = np.float32(-np.log(240.0 / 255.0))
 
 # Class-dependent nuclear phenotype (level-0 px at 0.25 mpp): class 1 denser, larger, darker nuclei.
-_NUC_SPACING = {0: 62.0, 1: 46.0}    # mean distance between nuclei
+_NUC_SPACING = {0: 52.0, 1: 38.0}    # mean distance between nuclei
 _NUC_RADIUS = {0: 12.0, 1: 16.0}
 _NUC_H = {0: 0.85, 1: 1.05}          # haematoxylin concentration inside a nucleus
 _STROMA_H = {0: 0.03, 1: 0.09}       # faint haematoxylin in stroma: class 1 looks a little more purple
@@ -269,12 +273,13 @@ _Q_OFFSET = 12.0   # a few steps below zero so background noise can be lighter t
 _RENDER_DOWN = 2   # fields are drawn at 0.5 mpp (the pipeline's tiling resolution) and upsampled to level 0
 
 
-def _render_slide(seed_seq: list[int], cls: int, size: tuple[int, int]) -> np.ndarray:
-    """One synthetic H&E slide (H, W, 3) uint8 at 0.25 mpp; deterministic in ``seed_seq``."""
+def _render_slide(slide_seed: list[int], patient_seed: list[int], cls: int, size: tuple[int, int]) -> np.ndarray:
+    """One synthetic H&E slide (H, W, 3) uint8 at 0.25 mpp; deterministic in the two seeds (the patient's
+    phenotype is shared by all of a patient's slides)."""
     from PIL import Image
 
-    rng = np.random.default_rng(seed_seq)
-    ph = _patient_phenotype(cls, np.random.default_rng(seed_seq[:-1]))  # shared by a patient's slides
+    rng = np.random.default_rng(slide_seed)
+    ph = _patient_phenotype(cls, np.random.default_rng(patient_seed))
     d = _RENDER_DOWN
     w = int(round(size[0] * rng.uniform(0.9, 1.1) / 32) * 32) // d
     h = int(round(size[1] * rng.uniform(0.9, 1.1) / 32) * 32) // d
@@ -319,5 +324,272 @@ def _render_slide(seed_seq: list[int], cls: int, size: tuple[int, int]) -> np.nd
     return np.asarray(Image.fromarray(rgb).resize((w * d, h * d), Image.BILINEAR))
 
 
-def _write_slide(path: Path, seed_seq: list[int], cls: int, size: tuple[int, int]) -> None:
-    write_pyramid_tiff(path, _render_slide(seed_seq, cls, size), LEVEL0_MPP)
+def _write_slide(job: tuple[str, list[int], list[int], int, tuple[int, int]]) -> str:
+    path, slide_seed, patient_seed, cls, size = job
+    write_pyramid_tiff(path, _render_slide(slide_seed, patient_seed, cls, size), LEVEL0_MPP)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Genes and pathways. The gene universe and the pathway list do not depend on the seed.
+
+# Themed pathways built from real gene symbols (older HGNC aliases where the Xena hub uses them: IL8).
+_THEMED = {
+    "HALLMARK_DEMO_PROLIFERATION": "MKI67 TOP2A CCNB1 CCNB2 CDK1 BUB1 AURKA AURKB PLK1 CENPF MCM2 MCM6 PCNA E2F1 "
+                                   "FOXM1 BIRC5 CDC20 KIF2C TPX2 UBE2C",
+    "HALLMARK_DEMO_ESTROGEN_RESPONSE": "ESR1 PGR GATA3 FOXA1 TFF1 TFF3 XBP1 GREB1 MYB AR KRT18 KRT8 AGR2 CA12 "
+                                       "SLC39A6",
+    "REACTOME_DEMO_ADHERENS_JUNCTIONS": "CDH1 CTNNA1 CTNNB1 CTNND1 JUP DSP EPCAM CLDN4 CLDN7 CLDN3 OCLN TJP1 PKP3 "
+                                        "DSG2",
+    "HALLMARK_DEMO_EPITHELIAL_MESENCHYMAL_TRANSITION": "VIM FN1 SNAI2 TWIST1 ZEB1 ZEB2 CDH2 COL1A1 COL1A2 COL3A1 "
+                                                      "SPARC MMP2 TGFB1 POSTN FAP",
+    "HALLMARK_DEMO_HYPOXIA": "HIF1A VEGFA CA9 LDHA PGK1 SLC2A1 BNIP3 NDRG1 ADM ENO1 P4HA1 ANKRD37",
+    "HALLMARK_DEMO_INFLAMMATORY_RESPONSE": "IL6 CXCL8 CXCL10 CCL2 IL1B TNF NFKBIA PTGS2 ICAM1 SOCS3 CXCL1 CXCL2",
+    "HALLMARK_DEMO_INTERFERON_GAMMA_RESPONSE": "STAT1 IRF1 IRF7 ISG15 MX1 OAS1 IFIT1 IFIT3 GBP1 CXCL9 CXCL10",
+    "HALLMARK_DEMO_P53_PATHWAY": "TP53 CDKN1A MDM2 BAX GADD45A FAS SESN1 RRM2B TP53I3",
+    "REACTOME_DEMO_DNA_REPAIR": "BRCA1 BRCA2 RAD51 ATM ATR CHEK1 CHEK2 XRCC1 PARP1 MLH1 MSH2 ERCC1 PCNA",
+    "REACTOME_DEMO_CELL_CYCLE_CHECKPOINTS": "CDK1 CCNB1 CHEK1 CHEK2 BUB1 CDC20 MDM2 TP53 CDKN1A AURKA",
+}
+# In the GMT these use the modern symbol; the matrix holds the old alias (as the Xena TCGA hub does).
+_MATRIX_ALIAS = {"CXCL8": "IL8"}
+SIGNAL_CLASS_UP = "HALLMARK_DEMO_ESTROGEN_RESPONSE"      # higher in class 1
+SIGNAL_CLASS_DOWN = "REACTOME_DEMO_ADHERENS_JUNCTIONS"   # lower in class 1 (CDH1 loss in lobular carcinoma)
+SIGNAL_RISK = "HALLMARK_DEMO_PROLIFERATION"              # pathway mean tracks the hazard's risk term
+SIGNAL_GENE = "CDH1"                                     # the single strongest class marker
+_FILLER_PREFIXES = ("ZNF", "SLC", "TMEM", "FAM", "CCDC", "ANKRD", "LRRC", "KLHL", "TRIM", "RNF", "ARHGEF",
+                    "DNAJC", "PPP1R", "TBC1D", "WDR")
+_ABSENT_FROM_MATRIX = ("ZNF9001", "SLC99A1", "TMEM999")  # listed in gene sets, missing from the matrix
+_QMARK_IDS = ("?|100130426", "?|100133144", "?|100134869", "?|10357", "?|10431")
+N_GENES = 600
+
+
+def _gene_universe() -> list[str]:
+    """~600 symbols: the themed genes (matrix spelling), pseudo-HGNC fillers and a few ``?|`` ids."""
+    themed: list[str] = []
+    for genes in _THEMED.values():
+        themed += [_MATRIX_ALIAS.get(g, g) for g in genes.split() if _MATRIX_ALIAS.get(g, g) not in themed]
+    n_fill = N_GENES - len(themed) - len(_QMARK_IDS)
+    fillers: list[str] = []
+    i = 0
+    while len(fillers) < n_fill:
+        name = f"{_FILLER_PREFIXES[i % len(_FILLER_PREFIXES)]}{11 + i // len(_FILLER_PREFIXES)}"
+        if name not in themed:
+            fillers.append(name)
+        i += 1
+    return themed + fillers + list(_QMARK_IDS)
+
+
+def _gene_sets() -> dict[str, list[str]]:
+    """~24 pathways of 5-40 genes: the themed ones plus random filler-gene sets sharing some members."""
+    rng = np.random.default_rng(20250101)  # fixed: the pathway definitions are part of the format, not data
+    universe = _gene_universe()
+    fillers = [g for g in universe if not g.startswith("?|") and not any(g in v.split() for v in _THEMED.values())]
+    fillers = [g for g in fillers if g not in _MATRIX_ALIAS.values()]
+    sets = {k: v.split() for k, v in _THEMED.items()}
+    topics = ("GLYCOLYSIS", "OXIDATIVE_PHOSPHORYLATION", "ANGIOGENESIS", "APOPTOSIS", "MTORC1_SIGNALING",
+              "WNT_SIGNALING", "NOTCH_SIGNALING", "HEDGEHOG_SIGNALING", "TRANSLATION", "RNA_SPLICING",
+              "FATTY_ACID_METABOLISM", "CHOLESTEROL_HOMEOSTASIS", "UNFOLDED_PROTEIN_RESPONSE", "KRAS_SIGNALING")
+    for i, topic in enumerate(topics):
+        prefix = "HALLMARK_DEMO_" if i % 2 == 0 else "REACTOME_DEMO_"
+        size = int(rng.integers(5, 41))
+        sets[prefix + topic] = [str(g) for g in rng.choice(fillers, size=size, replace=False)]
+    # A few members the matrix lacks, as real gene sets list genes a platform never measured.
+    for name, gene in zip(("HALLMARK_DEMO_HYPOXIA", "REACTOME_DEMO_OXIDATIVE_PHOSPHORYLATION", "HALLMARK_DEMO_GLYCOLYSIS"),
+                          _ABSENT_FROM_MATRIX, strict=True):
+        sets[name].append(gene)
+    return sets
+
+
+def _write_gmt(path: Path, sets: dict[str, list[str]]) -> None:
+    lines = [
+        "\t".join([name, f"https://example.org/modaltune-demo/{name}", *genes]) for name, genes in sets.items()
+    ]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def _expression(layout: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Genes x samples, log2(RSEM + 1)-like, with planted class and risk signal; Xena column layout."""
+    rng = np.random.default_rng([int(seed), _NS_RNA])
+    genes = _gene_universe()
+    g_index = {g: i for i, g in enumerate(genes)}
+    n_g = len(genes)
+    mu = rng.uniform(2.0, 12.0, n_g)
+    sd = rng.uniform(0.4, 1.2, n_g)
+    sets = {k: [g_index[_MATRIX_ALIAS.get(g, g)] for g in v if _MATRIX_ALIAS.get(g, g) in g_index]
+            for k, v in _gene_sets().items()}
+
+    def tumour_profile(cls: int, risk: float) -> np.ndarray:
+        z = rng.standard_normal(n_g)
+        for members in sets.values():  # co-expression: one latent factor per pathway
+            z[members] += 0.5 * rng.standard_normal()
+        sign = 1.0 if cls == 1 else -1.0
+        z[sets[SIGNAL_CLASS_UP]] += 0.6 * sign
+        z[sets[SIGNAL_CLASS_DOWN]] -= 0.6 * sign
+        z[g_index[SIGNAL_GENE]] -= 1.2 * sign
+        z[sets[SIGNAL_RISK]] += 0.9 * risk
+        return mu + sd * z
+
+    def normal_profile() -> np.ndarray:
+        z = rng.standard_normal(n_g)
+        z[sets[SIGNAL_RISK]] -= 1.5  # normal tissue barely proliferates
+        z[sets[SIGNAL_CLASS_DOWN]] += 1.0
+        return mu + sd * z
+
+    columns: dict[str, np.ndarray] = {}
+    shuffled = layout.rename(columns={"class": "cls"}).iloc[rng.permutation(len(layout))]
+    for row in shuffled.itertuples():
+        for code in filter(None, row.rna_samples.split(",")):
+            barcode = f"{row.patient_id}-{code}"
+            columns[barcode] = normal_profile() if code == "11" else tumour_profile(row.cls, row.risk)
+    mat = pd.DataFrame(columns, index=genes).clip(lower=0.0)
+    # Two gene symbols appear twice (as in real Xena matrices); the copies carry slightly different values.
+    dup_rows = mat.iloc[[7, 300]] + rng.normal(0, 0.05, size=(2, mat.shape[1]))
+    mat = pd.concat([mat, dup_rows.clip(lower=0.0)])
+    mat.index.name = "sample"
+    return mat.round(4)
+
+
+def _write_xena(path: Path, mat: pd.DataFrame) -> None:
+    text = mat.to_csv(sep="\t", float_format="%.4f", lineterminator="\n")
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        # Fixed mtime and no file name in the gzip header: identical bytes on every run.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            gz.write(text.encode())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GDC clinical and biospecimen exports (old flat column names, "'--" for missing).
+
+_CLINICAL_COLUMNS = (
+    "case_id", "case_submitter_id", "project_id", "age_at_index", "age_is_obfuscated", "cause_of_death",
+    "days_to_birth", "days_to_death", "ethnicity", "gender", "race", "vital_status", "year_of_birth",
+    "year_of_death", "age_at_diagnosis", "ajcc_pathologic_m", "ajcc_pathologic_n", "ajcc_pathologic_stage",
+    "ajcc_pathologic_t", "ajcc_staging_system_edition", "days_to_diagnosis", "days_to_last_follow_up",
+    "icd_10_code", "morphology", "primary_diagnosis", "prior_malignancy", "site_of_resection_or_biopsy",
+    "tissue_or_organ_of_origin", "year_of_diagnosis", "treatment_or_therapy", "treatment_type",
+)
+_MORPHOLOGY = {"Infiltrating duct carcinoma, NOS": "8500/3", "Lobular carcinoma, NOS": "8520/3",
+               OUT_OF_TASK_DIAGNOSIS: "8480/3"}
+# (stage, T, N, M) templates from low to high stage; the chosen row rises with the patient's risk.
+_STAGES = (
+    ("Stage IA", "T1c", "N0 (i-)", "M0"), ("Stage IA", "T1b", "N0", "M0"), ("Stage IIA", "T2", "N0 (i-)", "M0"),
+    ("Stage IIA", "T1c", "N1a", "M0"), ("Stage IIB", "T2", "N1a", "MX"), ("Stage IIB", "T3", "N0", "M0"),
+    ("Stage IIIA", "T2", "N2a", "M0"), ("Stage IIIA", "T3", "N1", "M0"), ("Stage IIIC", "T4b", "N3a", "M0"),
+    ("Stage IV", "T3", "N2", "M1"),
+)
+
+
+def _uuid(rng: np.random.Generator) -> str:
+    return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+
+
+def _clinical(layout: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(clinical.tsv rows, slide.tsv rows) as GDC exports them."""
+    rng = np.random.default_rng([int(seed), _NS_CLINICAL])
+    n = len(layout)
+    case_ids = [_uuid(rng) for _ in range(n)]
+    two_rows = set(rng.choice(n, size=max(2, n // 3), replace=False).tolist())
+    no_stage = set(rng.choice(n, size=max(1, n // 13), replace=False).tolist())
+    no_age = set(rng.choice(n, size=max(1, n // 20), replace=False).tolist())
+    rows = []
+    for i, p in enumerate(layout.itertuples()):
+        age = int(np.clip(rng.normal(58, 12), 27, 89))
+        year_dx = int(rng.integers(1995, 2014))
+        q = 1.0 / (1.0 + np.exp(-(p.risk + rng.normal(0, 0.8))))  # noisy monotone map risk -> stage
+        stage, t, nn, m = _STAGES[min(len(_STAGES) - 1, int(q * len(_STAGES)))]
+        dead = bool(p.event)
+        base = {
+            "case_id": case_ids[i], "case_submitter_id": p.patient_id, "project_id": PROJECT_ID,
+            "age_at_index": MISSING if i in no_age else str(age), "age_is_obfuscated": "false",
+            "cause_of_death": MISSING, "days_to_birth": MISSING if i in no_age else str(-int(age * 365.25)),
+            "days_to_death": str(p.time_days) if dead else MISSING, "ethnicity": "not hispanic or latino",
+            "gender": "female", "race": "white" if rng.uniform() < 0.75 else "black or african american",
+            "vital_status": "Dead" if dead else "Alive", "year_of_birth": str(year_dx - age),
+            "year_of_death": str(year_dx + p.time_days // 365) if dead else MISSING,
+            "age_at_diagnosis": MISSING if i in no_age else str(int(age * 365.25)),
+            "ajcc_pathologic_m": MISSING if i in no_stage else m,
+            "ajcc_pathologic_n": MISSING if i in no_stage else nn,
+            "ajcc_pathologic_stage": MISSING if i in no_stage else stage,
+            "ajcc_pathologic_t": MISSING if i in no_stage else t,
+            "ajcc_staging_system_edition": "7th", "days_to_diagnosis": "0",
+            # GDC leaves follow-up empty for most dead cases
+            "days_to_last_follow_up": MISSING if dead else str(p.time_days),
+            "icd_10_code": "C50.9", "morphology": _MORPHOLOGY[p.primary_diagnosis],
+            "primary_diagnosis": p.primary_diagnosis, "prior_malignancy": "no",
+            "site_of_resection_or_biopsy": "Breast, NOS", "tissue_or_organ_of_origin": "Breast, NOS",
+            "year_of_diagnosis": str(year_dx),
+        }
+        treatments = ["Pharmaceutical Therapy, NOS", "Radiation Therapy, NOS"] if i in two_rows else \
+            [str(rng.choice(["Pharmaceutical Therapy, NOS", "Radiation Therapy, NOS"]))]
+        for tt in treatments:
+            rows.append({**base, "treatment_or_therapy": str(rng.choice(["yes", "no"])), "treatment_type": tt})
+    clinical = pd.DataFrame(rows, columns=list(_CLINICAL_COLUMNS))
+    clinical = clinical.iloc[rng.permutation(len(clinical))].reset_index(drop=True)
+
+    slides = []
+    for i, p in enumerate(layout.itertuples()):
+        sample = {"case_id": case_ids[i], "case_submitter_id": p.patient_id, "project_id": PROJECT_ID,
+                  "sample_id": _uuid(rng), "sample_submitter_id": f"{p.patient_id}-01A"}
+        for j in range(int(p.n_slides)):
+            slides.append({**sample, "slide_id": _uuid(rng), "slide_submitter_id": f"{p.patient_id}-01Z-00-DX{j + 1}",
+                           "section_location": MISSING, "percent_tumor_cells": str(int(rng.integers(50, 96)))})
+        if i % 7 == 3:  # frozen top section: listed by GDC, but no diagnostic image in the cohort
+            slides.append({**sample, "slide_id": _uuid(rng), "slide_submitter_id": f"{p.patient_id}-01A-01-TS1",
+                           "section_location": "TOP", "percent_tumor_cells": str(int(rng.integers(50, 96)))})
+    return clinical, pd.DataFrame(slides)
+
+
+def _write_tsv(path: Path, df: pd.DataFrame, na_rep: str = "") -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False, na_rep=na_rep, lineterminator="\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size: tuple[int, int] = (4096, 3072),
+                     workers: int | None = None) -> dict[str, Path]:
+    """Write the demo cohort under ``out_dir``; return the paths (keys sheet, slides_dir, rna, genesets,
+    clinical, biospecimen, truth).
+
+    Deterministic in ``seed``. ``slide_size`` (level-0 width, height; each slide varies by +-10 %) and
+    ``workers`` (slide-writing processes, default min(2, CPUs)) exist for tests and small machines.
+    """
+    out = Path(out_dir)
+    layout = _layout(n_patients, seed)
+    sheet = demo_sheet(n_patients, seed)
+    paths = {
+        "sheet": out / "cohort_sheet.tsv", "slides_dir": out / "slides", "rna": out / "rna" / "HiSeqV2_PANCAN.gz",
+        "genesets": out / "genesets" / "demo.gmt", "clinical": out / "clinical" / "clinical.tsv",
+        "biospecimen": out / "biospecimen" / "slide.tsv", "truth": out / "truth.tsv",
+    }
+    paths["slides_dir"].mkdir(parents=True, exist_ok=True)
+
+    # Tables first (milliseconds), slides last (seconds): a killed run still leaves usable tables.
+    _write_xena(paths["rna"], _expression(layout, seed))
+    _write_gmt(paths["genesets"], _gene_sets())
+    clinical, slides = _clinical(layout, seed)
+    _write_tsv(paths["clinical"], clinical)
+    _write_tsv(paths["biospecimen"], slides)
+    _write_tsv(paths["truth"], layout[["patient_id", "class", "risk", "time_days", "event", "label",
+                                       "primary_diagnosis", "has_rna", "n_slides"]].round({"risk": 6}))
+
+    pidx = {p: i for i, p in enumerate(layout["patient_id"])}
+    cls = dict(zip(layout["patient_id"], layout["class"], strict=True))
+    jobs = []
+    for row in sheet.itertuples():
+        i = pidx[row.patient_id]
+        j = int(row.slide_id[-1]) - 1
+        jobs.append((str(out / row.path), [int(seed), _NS_SLIDE, i, j], [int(seed), _NS_PATIENT, i],
+                     int(cls[row.patient_id]), tuple(slide_size)))
+    n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    if n_workers > 1:
+        with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            list(pool.map(_write_slide, jobs))
+    else:
+        for job in jobs:
+            _write_slide(job)
+    # The sheet last: its presence means every slide it lists is complete.
+    _write_tsv(paths["sheet"], sheet)
+    return paths
