@@ -60,11 +60,14 @@ BUILTIN_ALIASES: tuple[tuple[str, str], ...] = (
 # --------------------------------------------------------------------------------------------- Xena
 
 
-def _open_text(path: Path):
+def _is_gzip(path: Path) -> bool:
     # Xena publishes both gzip and plain TSVs under inconsistent suffixes: trust the magic bytes.
     with open(path, "rb") as fh:
-        magic = fh.read(2)
-    if magic == _GZIP_MAGIC:
+        return fh.read(2) == _GZIP_MAGIC
+
+
+def _open_text(path: Path):
+    if _is_gzip(path):
         return gzip.open(path, "rt", newline="")
     return open(path, newline="")
 
@@ -84,6 +87,46 @@ def _is_number(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _parse_matrix(path: Path, samples: list[str]) -> tuple[list[str], np.ndarray]:
+    """Body of a Xena TSV -> (raw gene ids, float64 genes x samples). pyarrow's CSV reader: ~3x faster than
+    pandas' C parser on a 20k x 1.2k matrix, which matters for the 11k-sample EB++ file."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    names = ["__gene__", *samples]
+    compression = "gzip" if _is_gzip(path) else None
+    try:
+        table = pcsv.read_csv(
+            pa.input_stream(str(path), compression=compression),
+            read_options=pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=1 << 24),
+            parse_options=pcsv.ParseOptions(delimiter="\t"),
+            convert_options=pcsv.ConvertOptions(column_types={"__gene__": pa.string()},
+                                                null_values=["", "NA", "NaN", "nan", "null"]),
+        )
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{path}: not a rectangular genes x samples TSV ({str(exc).splitlines()[0]})") from exc
+    gene_ids = [str(g).strip() for g in table.column(0).to_pylist()]
+    arr = np.empty((table.num_rows, len(samples)), dtype=np.float64)
+    for j, name in enumerate(samples):
+        col = table.column(j + 1)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            vals = pd.to_numeric(pd.Series(col.to_pylist(), dtype=object), errors="coerce")
+            bad = np.flatnonzero(vals.isna().to_numpy() & col.is_valid().to_numpy(zero_copy_only=False))
+            if len(bad):
+                raise InputError(
+                    f"{path}: non-numeric value {col[int(bad[0])].as_py()!r} at gene {gene_ids[bad[0]]!r}, "
+                    f"sample {name!r}; expected a genes x samples matrix of numbers"
+                )
+            arr[:, j] = vals.to_numpy(dtype=np.float64)
+        elif pa.types.is_null(col.type):
+            arr[:, j] = np.nan
+        elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+            arr[:, j] = col.cast(pa.float64()).to_numpy()  # nulls come back as NaN
+        else:
+            raise InputError(f"{path}: column {name!r} holds {col.type} values; expected numbers")
+    return gene_ids, arr
 
 
 def read_xena(path: str | os.PathLike) -> pd.DataFrame:
@@ -116,36 +159,17 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
         dup_samples = sorted({s for s in samples if samples.count(s) > 1})
         if dup_samples:
             raise InputError(f"{path}: sample column(s) appear twice in the header: {dup_samples[:5]}")
-        try:
-            body = pd.read_csv(fh, sep="\t", header=None, index_col=0, dtype={0: str}, na_values=["NA", "NaN", ""],
-                               low_memory=False)
-        except pd.errors.ParserError as exc:
-            raise InputError(f"{path}: rows have inconsistent numbers of fields ({exc})") from exc
-    if body.shape[1] != len(samples):
-        raise InputError(f"{path}: header names {len(samples)} samples but rows hold {body.shape[1]} values")
-    body.columns = samples
-    if body.shape[0] == 0:
+    gene_ids, arr = _parse_matrix(path, samples)
+    if len(gene_ids) == 0:
         raise InputError(f"{path}: no gene rows below the header")
-    if sum(bool(_TCGA_BARCODE.match(str(i))) for i in body.index) > 0.5 * len(body.index):
+    if sum(bool(_TCGA_BARCODE.match(i)) for i in gene_ids) > 0.5 * len(gene_ids):
         raise InputError(
             f"{path}: the row ids look like sample barcodes, i.e. the matrix is samples x genes; Xena format is "
             "genes x samples: transpose it"
         )
-    values = body.copy()
-    text_cols = body.columns[[not pd.api.types.is_numeric_dtype(t) for t in body.dtypes]]
-    for c in text_cols:  # only columns pandas could not parse (large files: skip the numeric ones)
-        values[c] = pd.to_numeric(body[c], errors="coerce")
-    bad = values.isna() & body.notna()
-    if bad.to_numpy().any():
-        r, c = np.argwhere(bad.to_numpy())[0]
-        raise InputError(
-            f"{path}: non-numeric value {body.iat[r, c]!r} at gene {body.index[r]!r}, sample {body.columns[c]!r};"
-            " expected a genes x samples matrix of numbers"
-        )
-    arr = values.to_numpy(dtype=np.float64)
     n_inf, n_nan_file = int(np.isinf(arr).sum()), int(np.isnan(arr).sum())
     arr[np.isinf(arr)] = np.nan
-    df = pd.DataFrame(arr, index=[_clean_gene_id(i) for i in body.index], columns=samples)
+    df = pd.DataFrame(arr, index=[_clean_gene_id(i) for i in gene_ids], columns=samples, copy=False)
     df.index.name = "gene"
     dup_mask = df.index.duplicated(keep=False)
     dup_ids = sorted(set(df.index[dup_mask]))
