@@ -298,3 +298,9 @@ def test_combine_site_pathways(tmp_path, gmt):
     assert len(union) == 2
     with pytest.raises(InputError, match="two sites"):
         combine_site_pathways({"A": paths["BRCA"], "B": paths["BRCA"]}, tmp_path / "bad.parquet")
+
+
+def test_membership_csv_with_saved_index(tmp_path):
+    p = tmp_path / "gene_pathway_processed_v2.csv"
+    p.write_text(",gene,P1,P2\n0,TP53,1,0\n1,IL8,1,1\n")
+    assert read_gene_sets(p) == {"P1": ["TP53", "IL8"], "P2": ["IL8"]}

@@ -203,3 +203,17 @@ def test_partition_summary_counts():
     assert s.loc["test", "n_patients"] == len(test_ids)
     assert s.loc["test", "n_class_1"] == (test_ids["label"] == 1).sum()
     assert s.loc["test", "n_events"] == test_ids["event"].sum()
+
+
+def test_survival_only_cohort_kfold(tmp_path):
+    cases = _cases(n=80)
+    cases["label"] = -1
+    p = tmp_path / "surv.parquet"
+    cases.to_parquet(p, index=False)
+    df = make_splits(p, tmp_path / "s.parquet", n_folds=4)
+    tests = df[df.partition == "test"]
+    assert set(tests["patient_id"]) == set(cases.loc[cases.has_rna, "patient_id"])
+    ev = cases.set_index("patient_id")["event"]
+    overall = ev[cases.loc[cases.has_rna, "patient_id"]].mean()
+    for _, g in tests.groupby("fold"):
+        assert abs(ev[g["patient_id"]].mean() - overall) < 0.1

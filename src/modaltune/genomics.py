@@ -356,7 +356,7 @@ def _read_membership_csv(path: Path) -> dict[str, list[str]]:
         raise InputError(f"{path}: gene(s) listed on several rows: {sorted(set(genes[genes.duplicated()]))[:5]}")
     sets: dict[str, list[str]] = {}
     for col in table.columns:
-        if col == gene_col:
+        if col == gene_col or str(col).startswith("Unnamed:"):  # a saved pandas index is no pathway
             continue
         member = pd.to_numeric(table[col], errors="coerce")
         if member.isna().any() or not member.isin([0, 1]).all():

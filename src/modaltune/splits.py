@@ -75,7 +75,17 @@ def _flags(cases: pd.DataFrame) -> pd.Series:
 
 def _relevant(cases: pd.DataFrame) -> pd.Series:
     # paper: RNA available and a subtype class; everyone else only ever trains
-    return cases["has_rna"] & (cases["label"] >= 0)
+    if (cases["label"] >= 0).any():
+        return cases["has_rna"] & (cases["label"] >= 0)
+    # survival-only cohort (no subtype task): patients with RNA and a known outcome
+    log.warning("no patient has a subtype label: splitting patients with RNA and survival, stratified on event")
+    return cases["has_rna"] & cases["event"].notna()
+
+
+def _task_labels(rel: pd.DataFrame) -> np.ndarray:
+    if (rel["label"] >= 0).any():
+        return rel["label"].to_numpy()
+    return rel["event"].to_numpy(dtype=float).astype(int)
 
 
 def _strata(labels: np.ndarray, events: np.ndarray, min_count: int) -> np.ndarray:
@@ -102,7 +112,7 @@ def _fixed(cases: pd.DataFrame, val_fraction: float, test_fraction: float, seed:
     from sklearn.model_selection import train_test_split
 
     rel = cases[_relevant(cases)]
-    ids, y = rel["patient_id"].to_numpy(), rel["label"].to_numpy()
+    ids, y = rel["patient_id"].to_numpy(), _task_labels(rel)
     if len(ids) < 3:
         raise InputError(f"only {len(ids)} patients with RNA and a label: too few for a train/val/test split")
     rest, test, y_rest, _ = train_test_split(ids, y, test_size=test_fraction, random_state=seed,
@@ -122,7 +132,7 @@ def _kfold(cases: pd.DataFrame, n_folds: int, val_fraction: float, seed: int) ->
     if n_folds < 2:
         raise InputError(f"n_folds={n_folds}: k-fold needs at least 2 folds (use scheme 'fixed' for one split)")
     rel = cases[_relevant(cases)]
-    ids, y = rel["patient_id"].to_numpy(), rel["label"].to_numpy()
+    ids, y = rel["patient_id"].to_numpy(), _task_labels(rel)
     if len(ids) < n_folds:
         raise InputError(f"only {len(ids)} patients with RNA and a label: fewer than n_folds={n_folds}")
     strata = _strata(y, rel["event"].to_numpy(dtype=float), n_folds)
