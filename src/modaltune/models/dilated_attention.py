@@ -128,7 +128,9 @@ def _one_branch(q: Tensor, k: Tensor, v: Tensor, seg: int, ratio: int, kernel) -
     scale = d**-0.5
     out, lse = kernel(gather(q), gather(k), gather(v), scale)
     out = out.view(bsz, n_seg, n_heads, length, d).permute(0, 1, 3, 2, 4)  # (B, S, L, H, d)
-    lse = lse.view(bsz, n_seg, n_heads, length).permute(0, 1, 3, 2).to(torch.float32)
+    lse = lse.view(bsz, n_seg, n_heads, length).permute(0, 1, 3, 2)
+    if lse.dtype in (torch.float16, torch.bfloat16):
+        lse = lse.float()
     dense = out.new_zeros(bsz, n_seg, seg_padded, n_heads, d)
     dense = dense.scatter(2, idx.view(1, 1, length, n_heads, 1).expand_as(out), out)
     dense_lse = lse.new_full((bsz, n_seg, seg_padded, n_heads), UNCOVERED_LSE)
