@@ -176,6 +176,8 @@ def _registry_without_missing_modules(monkeypatch):
 
     from modaltune.models import registry
 
+    # Tiny tensors: OpenMP threads only contend on a shared 2-core machine (30 ms vs 2 us per op).
+    torch.set_num_threads(1)
     present = tuple(m for m in registry._MODEL_MODULES if importlib.util.find_spec(m) is not None)
     monkeypatch.setattr(registry, "_MODEL_MODULES", present)
     for m in present:
@@ -227,9 +229,9 @@ def test_lr_schedule_valid_for_any_epoch_count():
 def test_tiny_run_learns_and_writes_outputs(cohort, tmp_path):
     from modaltune.training import train_run
 
-    res = train_run(**run_args(cohort, tmp_path, train_cfg={"epochs": 4}))
+    res = train_run(**run_args(cohort, tmp_path, train_cfg={"epochs": 3}))
     hist = pd.read_parquet(tmp_path / "history.parquet")
-    assert list(hist["epoch"]) == [0, 1, 2, 3]  # all epochs run (no debug break)
+    assert list(hist["epoch"]) == [0, 1, 2]  # all epochs run (no debug break)
     assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
     assert hist["val_bacc"].max() > 0.7  # planted signal, 2 balanced classes: chance is 0.5
     state = torch.load(tmp_path / "state.pt", weights_only=False)
@@ -287,7 +289,7 @@ def test_resume_after_interrupt_matches_uninterrupted(cohort, tmp_path, monkeypa
 def test_same_seed_same_result_other_seed_differs(cohort, tmp_path):
     from modaltune.training import train_run
 
-    args = {"train_cfg": {"epochs": 2}}
+    args = {"train_cfg": {"epochs": 1}}
     train_run(**run_args(cohort, tmp_path / "a", **args))
     train_run(**run_args(cohort, tmp_path / "b", **args))
     train_run(**run_args(cohort, tmp_path / "c", seed=1, **args))
