@@ -36,8 +36,14 @@ def _write_xena(path, genes, samples, values, gz=False, header_name="sample"):
     return path
 
 
-SAMPLES = ["TCGA-AA-0001-11", "TCGA-AA-0001-01", "TCGA-AA-0002-02", "TCGA-AA-0003-01A", "TCGA-AA-0003-01B",
-           "TCGA-AA-0004-11"]
+SAMPLES = [
+    "TCGA-AA-0001-11",
+    "TCGA-AA-0001-01",
+    "TCGA-AA-0002-02",
+    "TCGA-AA-0003-01A",
+    "TCGA-AA-0003-01B",
+    "TCGA-AA-0004-11",
+]
 GENES = ["TP53", "?|100130426", "IL8", "EGFR", "EGFR", "MYC", "KRAS"]
 
 
@@ -55,7 +61,7 @@ def xena(tmp_path):
 @pytest.fixture
 def gmt(tmp_path):
     p = tmp_path / "sets.gmt"
-    p.write_text("HALLMARK_A\tdesc\tTP53\tCXCL8\tEGFR\n" "REACT_B\thttp://x\tMYC\tEGFR\tNOTAGENE\n")
+    p.write_text("HALLMARK_A\tdesc\tTP53\tCXCL8\tEGFR\nREACT_B\thttp://x\tMYC\tEGFR\tNOTAGENE\n")
     return p
 
 
@@ -85,8 +91,12 @@ def test_read_xena_bad_shapes(tmp_path):
     p.write_text("TP53\t1.0\t2.0\nEGFR\t3.0\t4.0\n")
     with pytest.raises(InputError, match="header"):
         read_xena(p)
-    t = _write_xena(tmp_path / "transposed.tsv", ["TCGA-AA-0001-01", "TCGA-AA-0002-01"], ["TP53", "EGFR"],
-                    [[1, 2], [3, 4]])
+    t = _write_xena(
+        tmp_path / "transposed.tsv",
+        ["TCGA-AA-0001-01", "TCGA-AA-0002-01"],
+        ["TP53", "EGFR"],
+        [[1, 2], [3, 4]],
+    )
     with pytest.raises(InputError, match="transpose"):
         read_xena(t)
     one = tmp_path / "one.tsv"
@@ -99,15 +109,27 @@ def test_read_xena_bad_shapes(tmp_path):
 
 
 def test_ensembl_ids_against_symbol_sets(tmp_path, gmt):
-    ens = _write_xena(tmp_path / "ens.tsv", [f"ENSG0000014{i:04d}.5" for i in range(5)] + ["TP53"],
-                      ["TCGA-AA-0001-01"], [[1.0]] * 6)
+    ens = _write_xena(
+        tmp_path / "ens.tsv",
+        [f"ENSG0000014{i:04d}.5" for i in range(5)] + ["TP53"],
+        ["TCGA-AA-0001-01"],
+        [[1.0]] * 6,
+    )
     with pytest.raises(InputError, match="Ensembl"):
         build_pathways(ens, gmt, tmp_path / "p.parquet", tmp_path / "r.json")
 
 
 def test_choose_samples_rules():
-    ids = ["TCGA-AA-0001-11", "TCGA-AA-0001-01", "TCGA-AA-0002-02", "TCGA-AA-0003-01B", "TCGA-AA-0003-01A",
-           "TCGA-AA-0004-11", "TCGA-AA-0005-06", "TCGA-AA-0005-03"]
+    ids = [
+        "TCGA-AA-0001-11",
+        "TCGA-AA-0001-01",
+        "TCGA-AA-0002-02",
+        "TCGA-AA-0003-01B",
+        "TCGA-AA-0003-01A",
+        "TCGA-AA-0004-11",
+        "TCGA-AA-0005-06",
+        "TCGA-AA-0005-03",
+    ]
     ch = choose_samples(ids).set_index("patient_id")
     assert ch.loc["TCGA-AA-0001", "sample_id"] == "TCGA-AA-0001-01"  # tumour over the earlier normal
     assert ch.loc["TCGA-AA-0002", "sample_id"] == "TCGA-AA-0002-02"  # recurrent when nothing else
@@ -126,8 +148,9 @@ def test_choose_samples_rules():
 def test_choose_samples_non_tcga_and_map():
     ch = choose_samples(["P1_rna", "P2_rna", "P2_rna_rep"])
     assert list(ch["patient_id"]) == ["P1_rna", "P2_rna", "P2_rna_rep"]
-    mapped = choose_samples(["P1_rna", "P2_rna", "P2_rna_rep"],
-                            sample_map={"P1_rna": "P1", "P2_rna": "P2", "P2_rna_rep": "P2"})
+    mapped = choose_samples(
+        ["P1_rna", "P2_rna", "P2_rna_rep"], sample_map={"P1_rna": "P1", "P2_rna": "P2", "P2_rna_rep": "P2"}
+    )
     m = mapped.set_index("patient_id")
     assert list(m.index) == ["P1", "P2"] and m.loc["P2", "sample_id"] == "P2_rna"
     assert m.loc["P2", "n_candidates"] == 2
@@ -152,7 +175,9 @@ def test_read_gene_sets_gmt_and_csv(tmp_path, gmt):
 def test_build_pathways_alias_report_and_parquet(tmp_path, xena, gmt):
     path, vals = xena
     out, rep_path = tmp_path / "g" / "pathways.parquet", tmp_path / "g" / "report.json"
-    report = build_pathways(path, gmt, out, rep_path, patients=["TCGA-AA-0001", "TCGA-AA-0003", "TCGA-ZZ-9999"])
+    report = build_pathways(
+        path, gmt, out, rep_path, patients=["TCGA-AA-0001", "TCGA-AA-0003", "TCGA-ZZ-9999"]
+    )
     df, groups = load_pathways(out)
     # CXCL8 in the set, IL8 in the matrix: matched through the alias; EGFR shared -> one column
     assert groups == {"HALLMARK_A": ["TP53", "IL8", "EGFR"], "REACT_B": ["MYC", "EGFR"]}
@@ -277,8 +302,12 @@ def test_gse7390_end_to_end_cox(tmp_path):
 
 def test_universe_excludes_constant_genes(tmp_path, gmt):
     x = _write_xena(tmp_path / "x.tsv", ["TP53", "IL8", "EGFR", "MYC"], ["s1", "s2"], [[1, 2]] * 4)
-    uni = _write_xena(tmp_path / "ebpp.xena", ["?|7157", "TP53", "IL8", "EGFR", "MYC"], ["a", "b", "c"],
-                      [[1, 2, 3], [1, 2, 3], [4, 5, 6], [0.5, 0.5, 0.5], [1, 1, 2]])
+    uni = _write_xena(
+        tmp_path / "ebpp.xena",
+        ["?|7157", "TP53", "IL8", "EGFR", "MYC"],
+        ["a", "b", "c"],
+        [[1, 2, 3], [1, 2, 3], [4, 5, 6], [0.5, 0.5, 0.5], [1, 1, 2]],
+    )
     rep = build_pathways(x, gmt, tmp_path / "p.parquet", tmp_path / "r.json", universe_path=uni)
     assert rep["groups"] == {"HALLMARK_A": ["TP53", "IL8"], "REACT_B": ["MYC"]}  # EGFR constant pan-cancer
     assert rep["universe"]["n_constant_or_empty"] == 1

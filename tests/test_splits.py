@@ -27,10 +27,17 @@ def _cases(n=120, seed=0, site="BRCA", prefix="TCGA-AA"):
     has_rna[10:22] = False
     n_slides = rng.integers(1, 4, size=n)
     n_slides[22:25] = 0
-    return pd.DataFrame({
-        "patient_id": ids, "site": site, "label": label, "survival_months": rng.uniform(1, 100, n),
-        "event": rng.integers(0, 2, n), "has_rna": has_rna, "n_slides": n_slides,
-    })
+    return pd.DataFrame(
+        {
+            "patient_id": ids,
+            "site": site,
+            "label": label,
+            "survival_months": rng.uniform(1, 100, n),
+            "event": rng.integers(0, 2, n),
+            "has_rna": has_rna,
+            "n_slides": n_slides,
+        }
+    )
 
 
 @pytest.fixture
@@ -42,8 +49,14 @@ def cases_path(tmp_path):
 
 def test_kfold_folds_stratification_nonrelevant_train(tmp_path, cases_path):
     cases = _cases()
-    df = make_splits(cases_path, tmp_path / "s.parquet", scheme="kfold", n_folds=5, seed=3,
-                     summary_path=tmp_path / "summary.tsv")
+    df = make_splits(
+        cases_path,
+        tmp_path / "s.parquet",
+        scheme="kfold",
+        n_folds=5,
+        seed=3,
+        summary_path=tmp_path / "summary.tsv",
+    )
     assert list(df.columns) == ["patient_id", "fold", "partition", "site", "flags"]
     assert sorted(df["fold"].unique()) == [0, 1, 2, 3, 4]
     assert (df.groupby("fold").size() == len(cases)).all()  # one row per patient per fold
@@ -65,7 +78,10 @@ def test_kfold_folds_stratification_nonrelevant_train(tmp_path, cases_path):
     summary = pd.read_csv(tmp_path / "summary.tsv", sep="\t")
     assert len(summary) == 15
     s0 = summary[(summary["fold"] == 0) & (summary["partition"] == "train")].iloc[0]
-    assert s0["n_missing_rna"] == 12 and s0["n_patients"] == (df[(df.fold == 0) & (df.partition == "train")]).shape[0]
+    assert (
+        s0["n_missing_rna"] == 12
+        and s0["n_patients"] == (df[(df.fold == 0) & (df.partition == "train")]).shape[0]
+    )
 
 
 def test_deterministic_and_seed_dependent(tmp_path, cases_path):
@@ -84,7 +100,9 @@ def test_fixed_scheme_matches_paper_rule(tmp_path, cases_path):
     df = make_splits(cases_path, tmp_path / "f.parquet", scheme="fixed", seed=0)
     assert set(df["fold"]) == {0} and len(df) == len(cases)
     rel = cases[cases["has_rna"] & (cases["label"] >= 0)].sort_values("patient_id")
-    _, test = train_test_split(rel["patient_id"].to_numpy(), test_size=0.2, random_state=0, stratify=rel["label"])
+    _, test = train_test_split(
+        rel["patient_id"].to_numpy(), test_size=0.2, random_state=0, stratify=rel["label"]
+    )
     assert set(df.loc[df["partition"] == "test", "patient_id"]) == set(test)
     n_rest = len(rel) - len(test)
     assert (df["partition"] == "val").sum() == int(np.ceil(0.15 * n_rest))
@@ -93,15 +111,20 @@ def test_fixed_scheme_matches_paper_rule(tmp_path, cases_path):
 def test_patient_level_slides_together(tmp_path, cases_path):
     df = make_splits(cases_path, tmp_path / "s.parquet")
     cases = _cases()
-    sheet = [(f"{p}-01Z-00-DX{k + 1}", p) for p, n in zip(cases["patient_id"], cases["n_slides"], strict=True)
-             for k in range(n)]
+    sheet = [
+        (f"{p}-01Z-00-DX{k + 1}", p)
+        for p, n in zip(cases["patient_id"], cases["n_slides"], strict=True)
+        for k in range(n)
+    ]
     slides = slide_partitions(df, sheet)
     assert slides.groupby(["fold", "patient_id"])["partition"].nunique().max() == 1
     assert len(slides) == 5 * sum(n for _, n in zip(cases["patient_id"], cases["n_slides"], strict=True))
 
 
 def test_leakage_error_on_crafted_split():
-    df = pd.DataFrame({"patient_id": ["P1", "P2", "P1"], "fold": [0, 0, 0], "partition": ["train", "test", "test"]})
+    df = pd.DataFrame(
+        {"patient_id": ["P1", "P2", "P1"], "fold": [0, 0, 0], "partition": ["train", "test", "test"]}
+    )
     with pytest.raises(LeakageError, match="P1.*fold 0"):
         check_no_leakage(df)
     ok = pd.DataFrame({"patient_id": ["P1", "P1"], "fold": [0, 1], "partition": ["train", "test"]})
@@ -116,16 +139,26 @@ def _modaltune_json(folder, part, records):
 def test_import_modaltune_json(tmp_path, cases_path):
     folder = tmp_path / "json_splits"
     rec = lambda c, s: {"case_submitter_id": c, "slide_submitter_id": s, "durations": "NaNX"}  # noqa: E731
-    _modaltune_json(folder, "train", [rec("TCGA-AA-0001", "TCGA-AA-0001-01Z-00-DX1"),
-                                      rec("TCGA-AA-0001", "TCGA-AA-0001-01Z-00-DX2"),
-                                      rec("TCGA-AA-0002", "x")])
+    _modaltune_json(
+        folder,
+        "train",
+        [
+            rec("TCGA-AA-0001", "TCGA-AA-0001-01Z-00-DX1"),
+            rec("TCGA-AA-0001", "TCGA-AA-0001-01Z-00-DX2"),
+            rec("TCGA-AA-0002", "x"),
+        ],
+    )
     _modaltune_json(folder, "val", [rec("TCGA-AA-0003", "y")])
     _modaltune_json(folder, "test", [rec("TCGA-AA-0004", "z"), rec("TCGA-ZZ-9999", "w")])
     out = tmp_path / "splits" / "import.parquet"
     df = make_splits(cases_path, out, scheme="import", import_path=folder)
     part = df.set_index("patient_id")["partition"]
-    assert part.to_dict() == {"TCGA-AA-0001": "train", "TCGA-AA-0002": "train", "TCGA-AA-0003": "val",
-                              "TCGA-AA-0004": "test"}
+    assert part.to_dict() == {
+        "TCGA-AA-0001": "train",
+        "TCGA-AA-0002": "train",
+        "TCGA-AA-0003": "val",
+        "TCGA-AA-0004": "test",
+    }
     rep = json.loads((tmp_path / "splits" / "import.import.json").read_text())
     assert rep["unknown_ids"] == ["TCGA-ZZ-9999"]
     assert len(rep["patients_not_in_split"]) == 120 - 4
@@ -143,15 +176,23 @@ def test_import_clam_csv_slides_and_patients(tmp_path, cases_path):
     sheet = tmp_path / "sheet.tsv"
     sheet.write_text("slide_id\tpatient_id\tpath\nslideA\tTCGA-AA-0005\ta.svs\nslideB\tTCGA-AA-0006\tb.svs\n")
     for k in range(2):
-        pd.DataFrame({"train": ["slideA", "TCGA-AA-0007-01Z-00-DX1", "TCGA-AA-0008"],
-                      "val": ["slideB" if k == 0 else "TCGA-AA-0009", None, None],
-                      "test": ["TCGA-AA-0010" if k == 0 else "slideB", "mystery", None]}).to_csv(
-            folder / f"splits_{k}.csv")
+        pd.DataFrame(
+            {
+                "train": ["slideA", "TCGA-AA-0007-01Z-00-DX1", "TCGA-AA-0008"],
+                "val": ["slideB" if k == 0 else "TCGA-AA-0009", None, None],
+                "test": ["TCGA-AA-0010" if k == 0 else "slideB", "mystery", None],
+            }
+        ).to_csv(folder / f"splits_{k}.csv")
     df = make_splits(cases_path, tmp_path / "imp.parquet", scheme="import", import_path=folder, sheet=sheet)
     assert sorted(df["fold"].unique()) == [0, 1]
     f0 = df[df.fold == 0].set_index("patient_id")["partition"]
-    assert f0.to_dict() == {"TCGA-AA-0005": "train", "TCGA-AA-0007": "train", "TCGA-AA-0008": "train",
-                            "TCGA-AA-0006": "val", "TCGA-AA-0010": "test"}
+    assert f0.to_dict() == {
+        "TCGA-AA-0005": "train",
+        "TCGA-AA-0007": "train",
+        "TCGA-AA-0008": "train",
+        "TCGA-AA-0006": "val",
+        "TCGA-AA-0010": "test",
+    }
     f1 = df[df.fold == 1].set_index("patient_id")["partition"]
     assert f1["TCGA-AA-0006"] == "test" and f1["TCGA-AA-0009"] == "val"
     rep = json.loads((tmp_path / "imp.import.json").read_text())
@@ -177,7 +218,9 @@ def test_pan_cancer_union(tmp_path):
     _cases(n=60, seed=5, site="OTHER", prefix="TCGA-BR").to_parquet(clash, index=False)  # same ids as BRCA
     make_splits(clash, tmp_path / "clash.parquet", n_folds=3)
     with pytest.raises(LeakageError, match="TCGA-BR-0000.*sites"):
-        combine_site_splits({"BRCA": paths["BRCA"], "OTHER": tmp_path / "clash.parquet"}, tmp_path / "bad.parquet")
+        combine_site_splits(
+            {"BRCA": paths["BRCA"], "OTHER": tmp_path / "clash.parquet"}, tmp_path / "bad.parquet"
+        )
     assert not (tmp_path / "bad.parquet").exists()
 
 
@@ -196,8 +239,13 @@ def test_bad_inputs(tmp_path, cases_path):
 
 def test_partition_summary_counts():
     cases = _cases()
-    splits = pd.DataFrame({"patient_id": cases["patient_id"], "fold": 0,
-                           "partition": np.where(np.arange(len(cases)) % 4 == 0, "test", "train")})
+    splits = pd.DataFrame(
+        {
+            "patient_id": cases["patient_id"],
+            "fold": 0,
+            "partition": np.where(np.arange(len(cases)) % 4 == 0, "test", "train"),
+        }
+    )
     s = partition_summary(cases, splits).set_index("partition")
     test_ids = cases[np.arange(len(cases)) % 4 == 0]
     assert s.loc["test", "n_patients"] == len(test_ids)

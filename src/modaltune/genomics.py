@@ -34,26 +34,21 @@ NORMAL_TYPES = tuple(f"{t:02d}" for t in range(10, 20))
 
 # Renamed HGNC symbols (previous -> current), facts from HGNC. Xena's HiSeqV2 matrices carry pre-2016
 # symbols while MSigDB / SurvPath gene sets use current ones; resolution works in both directions.
-BUILTIN_ALIASES: tuple[tuple[str, str], ...] = (
-    ("IL8", "CXCL8"), ("IL8RA", "CXCR1"), ("IL8RB", "CXCR2"),
-    ("EIF2C1", "AGO1"), ("EIF2C2", "AGO2"), ("EIF2C3", "AGO3"), ("EIF2C4", "AGO4"),
-    ("PKM2", "PKM"), ("MTATP6", "MT-ATP6"), ("ATP6", "MT-ATP6"), ("MTATP8", "MT-ATP8"),
-    ("MLL", "KMT2A"), ("MLL2", "KMT2D"), ("MLL3", "KMT2C"),
-    ("WHSC1", "NSD2"), ("WHSC1L1", "NSD3"), ("C11orf30", "EMSY"), ("MRE11A", "MRE11"),
-    ("FAM175A", "ABRAXAS1"), ("KIAA1524", "CIP2A"), ("KIAA0101", "PCLAF"), ("FAM64A", "PIMREG"),
-    ("GNB2L1", "RACK1"), ("SHFM1", "SEM1"), ("ERBB2IP", "ERBIN"),
-    ("ADRBK1", "GRK2"), ("ADRBK2", "GRK3"), ("PPAP2A", "PLPP1"), ("PPAP2B", "PLPP3"),
-    ("TCEB1", "ELOC"), ("TCEB2", "ELOB"), ("H3F3A", "H3-3A"), ("H3F3B", "H3-3B"),
-    ("HIST1H3B", "H3C2"), ("H2AFX", "H2AX"), ("SEPT2", "SEPTIN2"), ("SEPT7", "SEPTIN7"),
-    ("SEPT9", "SEPTIN9"), ("CD97", "ADGRE5"), ("GPR56", "ADGRG1"), ("ELTD1", "ADGRL4"),
-    ("EMR1", "ADGRE1"), ("BAI1", "ADGRB1"), ("CTGF", "CCN2"), ("CYR61", "CCN1"), ("NOV", "CCN3"),
-    ("WISP1", "CCN4"), ("C7orf68", "HILPDA"), ("FAM129A", "NIBAN1"), ("SQRDL", "SQOR"),
-    ("ATP5A1", "ATP5F1A"), ("ATP5B", "ATP5F1B"), ("ATP5O", "ATP5PO"), ("LHFP", "LHFPL6"),
-    ("PTPLAD1", "HACD3"), ("NGFRAP1", "BEX3"), ("GLTSCR2", "NOP53"), ("TMEM173", "STING1"),
-    ("C19orf10", "MYDGF"), ("AIM1", "CRYBG1"), ("MKL1", "MRTFA"), ("MKL2", "MRTFB"),
-    ("TROVE2", "RO60"), ("ZNF259", "ZPR1"), ("WBSCR22", "BUD23"), ("ADCK3", "COQ8A"),
-    ("PARK2", "PRKN"), ("DARC", "ACKR1"), ("CCBP2", "ACKR2"), ("FAM46C", "TENT5C"),
-    ("HDGFRP3", "HDGFL3"),
+_BUILTIN_ALIAS_TEXT = """
+IL8:CXCL8 IL8RA:CXCR1 IL8RB:CXCR2 EIF2C1:AGO1 EIF2C2:AGO2 EIF2C3:AGO3 EIF2C4:AGO4 PKM2:PKM
+MTATP6:MT-ATP6 ATP6:MT-ATP6 MTATP8:MT-ATP8 MLL:KMT2A MLL2:KMT2D MLL3:KMT2C WHSC1:NSD2 WHSC1L1:NSD3
+C11orf30:EMSY MRE11A:MRE11 FAM175A:ABRAXAS1 KIAA1524:CIP2A KIAA0101:PCLAF FAM64A:PIMREG
+GNB2L1:RACK1 SHFM1:SEM1 ERBB2IP:ERBIN ADRBK1:GRK2 ADRBK2:GRK3 PPAP2A:PLPP1 PPAP2B:PLPP3 TCEB1:ELOC
+TCEB2:ELOB H3F3A:H3-3A H3F3B:H3-3B HIST1H3B:H3C2 H2AFX:H2AX SEPT2:SEPTIN2 SEPT7:SEPTIN7
+SEPT9:SEPTIN9 CD97:ADGRE5 GPR56:ADGRG1 ELTD1:ADGRL4 EMR1:ADGRE1 BAI1:ADGRB1 CTGF:CCN2 CYR61:CCN1
+NOV:CCN3 WISP1:CCN4 C7orf68:HILPDA FAM129A:NIBAN1 SQRDL:SQOR ATP5A1:ATP5F1A ATP5B:ATP5F1B
+ATP5O:ATP5PO LHFP:LHFPL6 PTPLAD1:HACD3 NGFRAP1:BEX3 GLTSCR2:NOP53 TMEM173:STING1 C19orf10:MYDGF
+AIM1:CRYBG1 MKL1:MRTFA MKL2:MRTFB TROVE2:RO60 ZNF259:ZPR1 WBSCR22:BUD23 ADCK3:COQ8A PARK2:PRKN
+DARC:ACKR1 CCBP2:ACKR2 FAM46C:TENT5C HDGFRP3:HDGFL3
+"""
+BUILTIN_ALIASES: tuple[tuple[str, str], ...] = tuple(
+    tuple(pair.split(":"))
+    for pair in _BUILTIN_ALIAS_TEXT.split()  # (previous, current)
 )
 
 
@@ -102,11 +97,14 @@ def _parse_matrix(path: Path, samples: list[str]) -> tuple[list[str], np.ndarray
             pa.input_stream(str(path), compression=compression),
             read_options=pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=1 << 24),
             parse_options=pcsv.ParseOptions(delimiter="\t"),
-            convert_options=pcsv.ConvertOptions(column_types={"__gene__": pa.string()},
-                                                null_values=["", "NA", "NaN", "nan", "null"]),
+            convert_options=pcsv.ConvertOptions(
+                column_types={"__gene__": pa.string()}, null_values=["", "NA", "NaN", "nan", "null"]
+            ),
         )
     except pa.ArrowInvalid as exc:
-        raise InputError(f"{path}: not a rectangular genes x samples TSV ({str(exc).splitlines()[0]})") from exc
+        raise InputError(
+            f"{path}: not a rectangular genes x samples TSV ({str(exc).splitlines()[0]})"
+        ) from exc
     gene_ids = [str(g).strip() for g in table.column(0).to_pylist()]
     arr = np.empty((table.num_rows, len(samples)), dtype=np.float64)
     for j, name in enumerate(samples):
@@ -147,7 +145,8 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
             raise InputError(f"{path}: cannot read as a (gzipped) tab-separated text file ({exc})") from exc
         if len(header) < 2:
             raise InputError(
-                f"{path}: expected a tab-separated genes x samples matrix (first column gene symbol, one column "
+                f"{path}: expected a tab-separated genes x samples matrix "
+                f"(first column gene symbol, one column "
                 f"per sample) but the first line has {len(header)} field(s); check the separator"
             )
         samples = [h.strip() for h in header[1:]]
@@ -164,7 +163,8 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: no gene rows below the header")
     if sum(bool(_TCGA_BARCODE.match(i)) for i in gene_ids) > 0.5 * len(gene_ids):
         raise InputError(
-            f"{path}: the row ids look like sample barcodes, i.e. the matrix is samples x genes; Xena format is "
+            f"{path}: the row ids look like sample barcodes, i.e. the matrix is samples x genes; "
+            "Xena format is "
             "genes x samples: transpose it"
         )
     n_inf, n_nan_file = int(np.isinf(arr).sum()), int(np.isnan(arr).sum())
@@ -176,7 +176,9 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
     if dup_ids:
         var = df.var(axis=1, skipna=True).fillna(-np.inf).to_numpy()
         ranked = pd.DataFrame({"var": var, "pos": np.arange(len(df))}, index=df.index)
-        ranked = ranked.sort_values(["var", "pos"], ascending=[False, True])  # highest variance, then file order
+        ranked = ranked.sort_values(
+            ["var", "pos"], ascending=[False, True]
+        )  # highest variance, then file order
         keep = ranked.groupby(level=0, sort=False)["pos"].first().to_numpy()
         df = df.iloc[np.sort(keep)]
     df.attrs["read_report"] = {
@@ -202,7 +204,8 @@ def _check_id_namespace(matrix_ids: Iterable[str], set_genes: Iterable[str], rna
     if frac_ens > 0.5 and frac_set_ens <= 0.5:
         raise InputError(
             f"{rna_path}: {frac_ens:.0%} of the gene ids are Ensembl ids (ENSG...) but the gene sets in "
-            f"{genesets_path} use gene symbols; map the matrix to HGNC symbols first (e.g. with the Xena/GENCODE "
+            f"{genesets_path} use gene symbols; map the matrix to HGNC symbols first "
+            "(e.g. with the Xena/GENCODE "
             "probe map of the dataset) or give gene sets keyed by Ensembl id"
         )
 
@@ -269,7 +272,9 @@ def choose_samples(
         typed = [c for c in cands if c[1] is not None]
         if not typed:  # in-house ids: no type information
             chosen = cands[0][0]
-            reason = "mapped by sample_map" if chosen in mapping else "non-TCGA id: the whole id is the patient"
+            reason = (
+                "mapped by sample_map" if chosen in mapping else "non-TCGA id: the whole id is the patient"
+            )
             if len(cands) > 1:
                 reason += f"; {len(cands)} samples, lexicographically first kept"
             rows.append((patient, chosen, None, len(cands), reason))
@@ -285,8 +290,15 @@ def choose_samples(
         usable = sorted((rank(c), c[0], c[1]) for c in typed if rank(c) is not None)
         types = ",".join(sorted({c[1] for c in typed}))
         if not usable:
-            rows.append((patient, None, None, len(cands),
-                         f"no usable sample (types {types}; normals need allow_normal)"))
+            rows.append(
+                (
+                    patient,
+                    None,
+                    None,
+                    len(cands),
+                    f"no usable sample (types {types}; normals need allow_normal)",
+                )
+            )
             continue
         best_rank, chosen, stype = usable[0]
         ties = [u[1] for u in usable if u[0] == best_rank]
@@ -329,7 +341,8 @@ def _read_gmt(path: Path) -> dict[str, list[str]]:
             fields = line.rstrip("\r\n").split("\t")
             if len(fields) < 3:
                 raise InputError(
-                    f"{path}: line {lineno} is not GMT (name<TAB>description<TAB>gene...); found {len(fields)} field(s)"
+                    f"{path}: line {lineno} is not GMT (name<TAB>description<TAB>gene...); "
+                    f"found {len(fields)} field(s)"
                 )
             name = fields[0].strip()
             if name in sets:
@@ -353,7 +366,9 @@ def _read_membership_csv(path: Path) -> dict[str, list[str]]:
             raise InputError(f"{path}: pathway CSV needs a `gene` column plus one 0/1 column per pathway")
     genes = table[gene_col].astype(str).str.strip()
     if genes.duplicated().any():
-        raise InputError(f"{path}: gene(s) listed on several rows: {sorted(set(genes[genes.duplicated()]))[:5]}")
+        raise InputError(
+            f"{path}: gene(s) listed on several rows: {sorted(set(genes[genes.duplicated()]))[:5]}"
+        )
     sets: dict[str, list[str]] = {}
     for col in table.columns:
         if col == gene_col or str(col).startswith("Unnamed:"):  # a saved pandas index is no pathway
@@ -443,7 +458,9 @@ def build_pathways(
     all_set_genes = [g for genes in gene_sets.values() for g in genes]
     _check_id_namespace(matrix.index, all_set_genes, rna_path, genesets_path)
     if SAMPLE_COLUMN in matrix.index:
-        raise InputError(f"{rna_path}: a gene row is named {SAMPLE_COLUMN!r}, which clashes with the output column")
+        raise InputError(
+            f"{rna_path}: a gene row is named {SAMPLE_COLUMN!r}, which clashes with the output column"
+        )
 
     aliases = load_alias_table(alias_table)
     present = set(matrix.index)
@@ -476,7 +493,12 @@ def build_pathways(
                 aliased[g] = hit
             if hit not in found:
                 found.append(hit)
-        per_pathway[name] = {"n_genes": len(genes), "n_found": len(found), "missing": missing, "aliased": aliased}
+        per_pathway[name] = {
+            "n_genes": len(genes),
+            "n_found": len(found),
+            "missing": missing,
+            "aliased": aliased,
+        }
         if min_genes_per_pathway == 0 and not found:
             dropped.append(name)
         elif len(found) < max(min_genes_per_pathway, 1):
@@ -484,10 +506,13 @@ def build_pathways(
         else:
             groups[name] = found
     if too_small:
-        detail = "; ".join(f"{p}: {per_pathway[p]['n_found']} found, missing {per_pathway[p]['missing'][:5]}"
-                           for p in too_small[:5])
+        detail = "; ".join(
+            f"{p}: {per_pathway[p]['n_found']} found, missing {per_pathway[p]['missing'][:5]}"
+            for p in too_small[:5]
+        )
         raise InputError(
-            f"{genesets_path}: {len(too_small)} pathway(s) have fewer than {max(min_genes_per_pathway, 1)} gene(s) "
+            f"{genesets_path}: {len(too_small)} pathway(s) have fewer than "
+            f"{max(min_genes_per_pathway, 1)} gene(s) "
             f"present in {rna_path} ({detail}); check the gene id namespace / alias table, or pass "
             "min_genes_per_pathway=0 to drop empty pathways"
         )
@@ -507,7 +532,9 @@ def build_pathways(
         not_requested = int((~choice["patient_id"].isin(wanted)).sum())
         choice = choice[choice["patient_id"].isin(wanted)]
     values = matrix.loc[gene_columns, choice["sample_id"].tolist()].T.astype(np.float32)
-    out = pd.DataFrame(values.to_numpy(), columns=gene_columns, index=pd.Index(choice["patient_id"], name="patient_id"))
+    out = pd.DataFrame(
+        values.to_numpy(), columns=gene_columns, index=pd.Index(choice["patient_id"], name="patient_id")
+    )
     out[SAMPLE_COLUMN] = choice["sample_id"].to_numpy()
     _write_pathways(out, groups, Path(out_parquet))
 
@@ -557,7 +584,9 @@ def load_pathways(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, list
     table = pq.read_table(path)
     meta = table.schema.metadata or {}
     if GROUPS_KEY not in meta:
-        raise InputError(f"{path}: no `modaltune.groups` metadata; rebuild it with modaltune.genomics.build_pathways")
+        raise InputError(
+            f"{path}: no `modaltune.groups` metadata; rebuild it with modaltune.genomics.build_pathways"
+        )
     groups = json.loads(meta[GROUPS_KEY].decode())
     df = table.to_pandas()
     if df.index.name != "patient_id":
@@ -615,7 +644,9 @@ class GeneScaler:
         from sklearn.preprocessing import StandardScaler
 
         if df.index.has_duplicates:
-            raise InputError(f"GeneScaler.fit: duplicated patient ids {list(df.index[df.index.duplicated()][:5])}")
+            raise InputError(
+                f"GeneScaler.fit: duplicated patient ids {list(df.index[df.index.duplicated()][:5])}"
+            )
         if len(df) == 0:
             raise InputError("GeneScaler.fit: no training patients with RNA in this fold")
         self.genes = gene_columns(df)
@@ -638,11 +669,14 @@ class GeneScaler:
             raise RuntimeError("GeneScaler.transform called before fit")
         absent = [g for g in self.genes if g not in df.columns]
         if absent:
-            raise InputError(f"GeneScaler.transform: gene column(s) {absent[:5]} missing; rebuild pathways.parquet")
+            raise InputError(
+                f"GeneScaler.transform: gene column(s) {absent[:5]} missing; rebuild pathways.parquet"
+            )
         x = df[self.genes].to_numpy(dtype=np.float64, copy=True)
         n_inf, n_nan = int(np.isinf(x).sum()), int(np.isnan(x).sum())
         x[np.isinf(x)] = np.nan
-        # Same formula as StandardScaler.transform; numpy so a scaler restored from plain lists needs no pickle.
+        # Same formula as StandardScaler.transform, in numpy so that a scaler restored from plain
+        # lists needs no pickle.
         z = (x - self.mean) / self.std
         z[np.isnan(z)] = 0.0
         self.counts.update({"transform_n_inf": n_inf, "transform_n_nan": n_nan})
@@ -683,13 +717,17 @@ class GeneScaler:
             obj.n_fitted = int(state["n_fitted"])
             obj.fitted_ids_sha256 = str(state["fitted_ids_sha256"])
         except KeyError as exc:
-            raise InputError(f"GeneScaler state lacks field {exc}; checkpoint is from another version") from exc
+            raise InputError(
+                f"GeneScaler state lacks field {exc}; checkpoint is from another version"
+            ) from exc
         if not (len(obj.genes) == len(obj.mean) == len(obj.std)):
             raise InputError("GeneScaler state: genes, mean and std differ in length")
         return obj
 
 
-def combine_site_pathways(pathway_paths: Mapping[str, str | os.PathLike], out_parquet: str | os.PathLike) -> pd.DataFrame:
+def combine_site_pathways(
+    pathway_paths: Mapping[str, str | os.PathLike], out_parquet: str | os.PathLike
+) -> pd.DataFrame:
     """Pan-cancer gene table: union of per-site pathways.parquet files with identical gene groups."""
     frames, ref_groups, ref_site = [], None, None
     for site, path in pathway_paths.items():
@@ -699,7 +737,8 @@ def combine_site_pathways(pathway_paths: Mapping[str, str | os.PathLike], out_pa
         elif groups != ref_groups:
             diff = sorted(p for p in set(groups) | set(ref_groups) if groups.get(p) != ref_groups.get(p))
             raise InputError(
-                f"{path}: gene groups of site {site} differ from site {ref_site} (pathways {diff[:5]}); rebuild all "
+                f"{path}: gene groups of site {site} differ from site {ref_site} (pathways {diff[:5]}); "
+                "rebuild all "
                 "sites with the same gene-set file and alias table (or build from one pan-cancer Xena matrix)"
             )
         frames.append(df)
@@ -707,6 +746,8 @@ def combine_site_pathways(pathway_paths: Mapping[str, str | os.PathLike], out_pa
         raise InputError("combine_site_pathways: no site files given")
     union = pd.concat(frames)
     if union.index.has_duplicates:
-        raise InputError(f"patient(s) {sorted(set(union.index[union.index.duplicated()]))[:5]} appear in two sites")
+        raise InputError(
+            f"patient(s) {sorted(set(union.index[union.index.duplicated()]))[:5]} appear in two sites"
+        )
     _write_pathways(union, ref_groups, Path(out_parquet))
     return union

@@ -46,14 +46,18 @@ def _read_cases(cases) -> pd.DataFrame:
         df = df.reset_index()
     missing = {"patient_id", "label"} - set(df.columns)
     if missing:
-        raise InputError(f"{where}: missing column(s) {sorted(missing)} (see docs/ARCHITECTURE.md, cases.parquet)")
+        raise InputError(
+            f"{where}: missing column(s) {sorted(missing)} (see docs/ARCHITECTURE.md, cases.parquet)"
+        )
     if df["patient_id"].duplicated().any():
         dup = sorted(df.loc[df["patient_id"].duplicated(), "patient_id"].astype(str))[:5]
         raise InputError(f"{where}: patient_id must be unique (one row per patient); duplicated: {dup}")
     df["patient_id"] = df["patient_id"].astype(str)
     df["label"] = pd.to_numeric(df["label"], errors="coerce").fillna(-1).astype(int)
     df["has_rna"] = df["has_rna"].fillna(False).astype(bool) if "has_rna" in df else True
-    df["n_slides"] = pd.to_numeric(df["n_slides"], errors="coerce").fillna(0).astype(int) if "n_slides" in df else 1
+    df["n_slides"] = (
+        pd.to_numeric(df["n_slides"], errors="coerce").fillna(0).astype(int) if "n_slides" in df else 1
+    )
     df["event"] = pd.to_numeric(df["event"], errors="coerce") if "event" in df else np.nan
     df["site"] = df["site"].fillna("").astype(str) if "site" in df else ""
     return df.sort_values("patient_id").reset_index(drop=True)
@@ -78,7 +82,9 @@ def _relevant(cases: pd.DataFrame) -> pd.Series:
     if (cases["label"] >= 0).any():
         return cases["has_rna"] & (cases["label"] >= 0)
     # survival-only cohort (no subtype task): patients with RNA and a known outcome
-    log.warning("no patient has a subtype label: splitting patients with RNA and survival, stratified on event")
+    log.warning(
+        "no patient has a subtype label: splitting patients with RNA and survival, stratified on event"
+    )
     return cases["has_rna"] & cases["event"].notna()
 
 
@@ -115,13 +121,15 @@ def _fixed(cases: pd.DataFrame, val_fraction: float, test_fraction: float, seed:
     ids, y = rel["patient_id"].to_numpy(), _task_labels(rel)
     if len(ids) < 3:
         raise InputError(f"only {len(ids)} patients with RNA and a label: too few for a train/val/test split")
-    rest, test, y_rest, _ = train_test_split(ids, y, test_size=test_fraction, random_state=seed,
-                                             stratify=_stratify_or_none(y, 2))
+    rest, test, y_rest, _ = train_test_split(
+        ids, y, test_size=test_fraction, random_state=seed, stratify=_stratify_or_none(y, 2)
+    )
     part = dict.fromkeys(cases["patient_id"], "train")
     part.update(dict.fromkeys(test, "test"))
     if val_fraction > 0:
-        _, val = train_test_split(rest, test_size=val_fraction, random_state=seed,
-                                  stratify=_stratify_or_none(y_rest, 2))
+        _, val = train_test_split(
+            rest, test_size=val_fraction, random_state=seed, stratify=_stratify_or_none(y_rest, 2)
+        )
         part.update(dict.fromkeys(val, "val"))
     return pd.DataFrame({"patient_id": list(part), "fold": 0, "partition": list(part.values())})
 
@@ -130,14 +138,18 @@ def _kfold(cases: pd.DataFrame, n_folds: int, val_fraction: float, seed: int) ->
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     if n_folds < 2:
-        raise InputError(f"n_folds={n_folds}: k-fold needs at least 2 folds (use scheme 'fixed' for one split)")
+        raise InputError(
+            f"n_folds={n_folds}: k-fold needs at least 2 folds (use scheme 'fixed' for one split)"
+        )
     rel = cases[_relevant(cases)]
     ids, y = rel["patient_id"].to_numpy(), _task_labels(rel)
     if len(ids) < n_folds:
         raise InputError(f"only {len(ids)} patients with RNA and a label: fewer than n_folds={n_folds}")
     strata = _strata(y, rel["event"].to_numpy(dtype=float), n_folds)
     if pd.Series(strata).value_counts().min() < n_folds:
-        log.warning("a class has fewer than %d patients: StratifiedKFold will warn and balance what it can", n_folds)
+        log.warning(
+            "a class has fewer than %d patients: StratifiedKFold will warn and balance what it can", n_folds
+        )
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     frames = []
     for fold, (rest_idx, test_idx) in enumerate(skf.split(ids, strata)):
@@ -145,10 +157,16 @@ def _kfold(cases: pd.DataFrame, n_folds: int, val_fraction: float, seed: int) ->
         part.update(dict.fromkeys(ids[test_idx], "test"))
         if val_fraction > 0:
             rest_strata = _strata(y[rest_idx], rel["event"].to_numpy(dtype=float)[rest_idx], 2)
-            _, val = train_test_split(ids[rest_idx], test_size=val_fraction, random_state=seed + fold,
-                                      stratify=_stratify_or_none(rest_strata, 2))
+            _, val = train_test_split(
+                ids[rest_idx],
+                test_size=val_fraction,
+                random_state=seed + fold,
+                stratify=_stratify_or_none(rest_strata, 2),
+            )
             part.update(dict.fromkeys(val, "val"))
-        frames.append(pd.DataFrame({"patient_id": list(part), "fold": fold, "partition": list(part.values())}))
+        frames.append(
+            pd.DataFrame({"patient_id": list(part), "fold": fold, "partition": list(part.values())})
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -181,7 +199,9 @@ def _import_files(import_path) -> list[Path]:
         else:
             raise InputError(f"{item}: split file or folder not found")
     if not files:
-        raise InputError(f"{import_path}: no split files ({{train|val|test}}_*.json or splits_{{k}}.csv) found")
+        raise InputError(
+            f"{import_path}: no split files ({{train|val|test}}_*.json or splits_{{k}}.csv) found"
+        )
     return files
 
 
@@ -211,7 +231,9 @@ def _entries_from_csv(path: Path, fold: int) -> list[tuple[int, str, str, str]]:
     table = pd.read_csv(path, dtype=str)
     cols = [c for c in table.columns if str(c).strip().lower() in PARTITIONS]
     if "train" not in [c.strip().lower() for c in cols]:
-        raise InputError(f"{path}: CLAM/SurvPath split CSVs need columns train, val[, test]; found {list(table.columns)}")
+        raise InputError(
+            f"{path}: CLAM/SurvPath split CSVs need columns train, val[, test]; found {list(table.columns)}"
+        )
     out = []
     for col in cols:
         for ident in table[col].dropna():
@@ -254,7 +276,9 @@ def _import(cases: pd.DataFrame, import_path, id_type: str, sheet) -> tuple[pd.D
         rows.append((patient, fold, part))
     df = pd.DataFrame(rows, columns=["patient_id", "fold", "partition"]).drop_duplicates()
     if df.empty:
-        raise InputError(f"{import_path}: none of the {len(entries)} split ids matches a patient in the cases table")
+        raise InputError(
+            f"{import_path}: none of the {len(entries)} split ids matches a patient in the cases table"
+        )
     listed = set(df["patient_id"])
     report = {
         "files": [str(f) for f in files],
@@ -264,7 +288,9 @@ def _import(cases: pd.DataFrame, import_path, id_type: str, sheet) -> tuple[pd.D
         "patients_not_in_split": sorted(known - listed),
     }
     if unknown:
-        log.warning("%d split id(s) match no patient (first: %s)", len(set(unknown)), sorted(set(unknown))[:5])
+        log.warning(
+            "%d split id(s) match no patient (first: %s)", len(set(unknown)), sorted(set(unknown))[:5]
+        )
     return df, report
 
 
@@ -282,7 +308,8 @@ def check_no_leakage(df: pd.DataFrame) -> None:
         fold, patient = leaks.index[0]
         parts = sorted(df[(df["fold"] == fold) & (df["patient_id"] == patient)]["partition"].unique())
         raise LeakageError(
-            f"patient {patient} is in partitions {parts} of fold {fold} ({len(leaks)} patient-fold pair(s) leak "
+            f"patient {patient} is in partitions {parts} of fold {fold} "
+            f"({len(leaks)} patient-fold pair(s) leak "
             "in total); a patient's slides must all be in one partition"
         )
     dup = df.duplicated(["fold", "patient_id"])
@@ -296,7 +323,8 @@ def partition_summary(cases, splits) -> pd.DataFrame:
     cases = _read_cases(cases)
     splits = pd.read_parquet(splits) if not isinstance(splits, pd.DataFrame) else splits
     merged = splits[["patient_id", "fold", "partition"]].merge(
-        cases[["patient_id", "label", "event", "has_rna", "n_slides"]], on="patient_id", how="left")
+        cases[["patient_id", "label", "event", "has_rna", "n_slides"]], on="patient_id", how="left"
+    )
     classes = sorted(c for c in cases["label"].unique() if c >= 0)
     rows = []
     for (fold, part), g in merged.groupby(["fold", "partition"], sort=True):
@@ -310,8 +338,9 @@ def partition_summary(cases, splits) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     order = {p: i for i, p in enumerate(PARTITIONS)}
-    return out.sort_values(["fold", "partition"], key=lambda s: s.map(order) if s.name == "partition" else s,
-                           ignore_index=True)
+    return out.sort_values(
+        ["fold", "partition"], key=lambda s: s.map(order) if s.name == "partition" else s, ignore_index=True
+    )
 
 
 def _finish(cases: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
@@ -321,8 +350,11 @@ def _finish(cases: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     df["site"] = df["patient_id"].map(info["site"]).fillna("").astype(str)
     df["flags"] = df["patient_id"].map(_flags(cases).set_axis(cases["patient_id"])).fillna("")
     order = {p: i for i, p in enumerate(PARTITIONS)}
-    df = df.sort_values(["fold", "partition", "patient_id"],
-                        key=lambda s: s.map(order) if s.name == "partition" else s, ignore_index=True)
+    df = df.sort_values(
+        ["fold", "partition", "patient_id"],
+        key=lambda s: s.map(order) if s.name == "partition" else s,
+        ignore_index=True,
+    )
     return df[SPLIT_COLUMNS]
 
 
@@ -397,21 +429,27 @@ def combine_site_splits(split_paths: Mapping[str, str | os.PathLike], out_parque
         if missing:
             raise InputError(f"{path}: split lacks column(s) {sorted(missing)}")
         if "site" in df and ((df["site"] != "") & (df["site"] != site)).any():
-            raise InputError(f"{path}: given as site {site} but its site column says {sorted(set(df['site']) - {''})}")
+            raise InputError(
+                f"{path}: given as site {site} but its site column says {sorted(set(df['site']) - {''})}"
+            )
         df = df.assign(site=site)
         if "flags" not in df:
             df["flags"] = ""
         folds[site] = set(df["fold"])
         frames.append(df[SPLIT_COLUMNS])
     if len({frozenset(f) for f in folds.values()}) > 1:
-        raise InputError(f"site splits have different folds ({ {s: sorted(f) for s, f in folds.items()} }); "
-                         "make them with the same scheme and n_folds")
+        raise InputError(
+            f"site splits have different folds ({ {s: sorted(f) for s, f in folds.items()} }); "
+            "make them with the same scheme and n_folds"
+        )
     union = pd.concat(frames, ignore_index=True)
     sites_per_patient = union.groupby("patient_id")["site"].nunique()
     multi = sites_per_patient[sites_per_patient > 1]
     if len(multi):
         p = multi.index[0]
-        raise LeakageError(f"patient {p} appears in sites {sorted(union.loc[union['patient_id'] == p, 'site'].unique())}")
+        raise LeakageError(
+            f"patient {p} appears in sites {sorted(union.loc[union['patient_id'] == p, 'site'].unique())}"
+        )
     check_no_leakage(union)
     union = union.sort_values(["fold", "site", "partition", "patient_id"], ignore_index=True)
     _write_parquet(union, out_parquet)
@@ -419,6 +457,7 @@ def combine_site_splits(split_paths: Mapping[str, str | os.PathLike], out_parque
 
 
 def slide_partitions(splits: pd.DataFrame, sheet_rows: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """Expand patient splits to slides: (slide_id, patient_id) pairs -> slide_id, patient_id, fold, partition."""
+    """Expand patient splits to slides: (slide_id, patient_id) pairs -> slide_id, patient_id, fold,
+    partition."""
     slides = pd.DataFrame(list(sheet_rows), columns=["slide_id", "patient_id"])
     return slides.merge(splits[["patient_id", "fold", "partition"]], on="patient_id", how="inner")
