@@ -145,9 +145,8 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
             raise InputError(f"{path}: cannot read as a (gzipped) tab-separated text file ({exc})") from exc
         if len(header) < 2:
             raise InputError(
-                f"{path}: expected a tab-separated genes x samples matrix "
-                f"(first column gene symbol, one column "
-                f"per sample) but the first line has {len(header)} field(s); check the separator"
+                f"{path}: expected a tab-separated genes x samples matrix (first column gene symbol, "
+                f"one column per sample) but the first line has {len(header)} field(s); check the separator"
             )
         samples = [h.strip() for h in header[1:]]
         if all(_is_number(s) for s in samples):
@@ -164,8 +163,7 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
     if sum(bool(_TCGA_BARCODE.match(i)) for i in gene_ids) > 0.5 * len(gene_ids):
         raise InputError(
             f"{path}: the row ids look like sample barcodes, i.e. the matrix is samples x genes; "
-            "Xena format is "
-            "genes x samples: transpose it"
+            "Xena format is genes x samples: transpose it"
         )
     n_inf, n_nan_file = int(np.isinf(arr).sum()), int(np.isnan(arr).sum())
     arr[np.isinf(arr)] = np.nan
@@ -176,9 +174,8 @@ def read_xena(path: str | os.PathLike) -> pd.DataFrame:
     if dup_ids:
         var = df.var(axis=1, skipna=True).fillna(-np.inf).to_numpy()
         ranked = pd.DataFrame({"var": var, "pos": np.arange(len(df))}, index=df.index)
-        ranked = ranked.sort_values(
-            ["var", "pos"], ascending=[False, True]
-        )  # highest variance, then file order
+        # highest variance first, file order among equals
+        ranked = ranked.sort_values(["var", "pos"], ascending=[False, True])
         keep = ranked.groupby(level=0, sort=False)["pos"].first().to_numpy()
         df = df.iloc[np.sort(keep)]
     df.attrs["read_report"] = {
@@ -205,8 +202,7 @@ def _check_id_namespace(matrix_ids: Iterable[str], set_genes: Iterable[str], rna
         raise InputError(
             f"{rna_path}: {frac_ens:.0%} of the gene ids are Ensembl ids (ENSG...) but the gene sets in "
             f"{genesets_path} use gene symbols; map the matrix to HGNC symbols first "
-            "(e.g. with the Xena/GENCODE "
-            "probe map of the dataset) or give gene sets keyed by Ensembl id"
+            "(e.g. with the Xena/GENCODE probe map of the dataset) or give gene sets keyed by Ensembl id"
         )
 
 
@@ -290,15 +286,8 @@ def choose_samples(
         usable = sorted((rank(c), c[0], c[1]) for c in typed if rank(c) is not None)
         types = ",".join(sorted({c[1] for c in typed}))
         if not usable:
-            rows.append(
-                (
-                    patient,
-                    None,
-                    None,
-                    len(cands),
-                    f"no usable sample (types {types}; normals need allow_normal)",
-                )
-            )
+            reason = f"no usable sample (types {types}; normals need allow_normal)"
+            rows.append((patient, None, None, len(cands), reason))
             continue
         best_rank, chosen, stype = usable[0]
         ties = [u[1] for u in usable if u[0] == best_rank]
