@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import inspect
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -196,6 +196,23 @@ class PatchEncoder:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, feature_dim={self.feature_dim}, "
                 f"input_size={self.input_size}, checkpoint_sha256={self.checkpoint_sha256[:12]})")
+
+
+def build_module(builder: Callable[[], nn.Module], checkpoint: str | os.PathLike | None, seed: int) -> nn.Module:
+    """Random init (seeded) without a checkpoint; with one, skip the init entirely.
+
+    With a checkpoint every tensor is overwritten by the strict load, so the model is built on the meta
+    device and only allocated (the random init of a 1.1B-parameter ViT costs tens of seconds on a CPU).
+    Models with buffers outside the state dict fall back to a normal build (they would stay undefined).
+    """
+    if checkpoint is not None:
+        with torch.device("meta"):
+            model = builder()
+        saved = set(model.state_dict())
+        if all(name in saved for name, _ in model.named_buffers()):
+            return model.to_empty(device="cpu")
+    with seeded_init(seed):
+        return builder()
 
 
 @contextlib.contextmanager

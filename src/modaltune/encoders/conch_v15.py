@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modaltune.encoders import register_encoder
-from modaltune.encoders.base import PatchEncoder, seeded_init
+from modaltune.encoders.base import PatchEncoder, build_module
 
 
 class AttentionalPooler(nn.Module):
@@ -93,8 +93,7 @@ class ConchV15Encoder(PatchEncoder):
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, depth: int = 24, img_size: int = 448,
                  seed: int = 0):
-        with seeded_init(seed):
-            model = ConchV15Tower(depth=depth, img_size=img_size)
+        model = build_module(lambda: ConchV15Tower(depth=depth, img_size=img_size), checkpoint, seed)
         super().__init__(model, checkpoint=checkpoint, feature_dim=768, input_size=img_size, resize=img_size,
                          interpolation="bilinear",
                          config=self.resolve_config(depth=depth, img_size=img_size, seed=seed))

@@ -17,7 +17,7 @@ import timm
 from torch import nn
 
 from modaltune.encoders import register_encoder
-from modaltune.encoders.base import PatchEncoder, seeded_init
+from modaltune.encoders.base import PatchEncoder, build_module
 
 GIGAPATH_ARGS = dict(patch_size=16, embed_dim=1536, num_heads=24, init_values=1e-5, mlp_ratio=5.33334)
 
@@ -35,8 +35,7 @@ class ProvGigaPathEncoder(PatchEncoder):
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, depth: int = 40, img_size: int = 224,
                  resize: int | None = 256, seed: int = 0):
-        with seeded_init(seed):
-            model = build_gigapath_vit(depth=depth, img_size=img_size)
+        model = build_module(lambda: build_gigapath_vit(depth=depth, img_size=img_size), checkpoint, seed)
         super().__init__(model, checkpoint=checkpoint, feature_dim=model.num_features, input_size=img_size,
                          resize=resize, interpolation="bicubic",
                          config=self.resolve_config(depth=depth, img_size=img_size, resize=resize, seed=seed))
