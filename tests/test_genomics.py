@@ -137,6 +137,7 @@ def test_choose_samples_rules():
     assert "tie" in ch.loc["TCGA-AA-0003", "reason"]
     assert pd.isna(ch.loc["TCGA-AA-0004", "sample_id"])  # normal only -> none
     assert ch.loc["TCGA-AA-0005", "sample_id"] == "TCGA-AA-0005-03"  # 03 ranks before 06
+    assert pd.isna(choose_samples(["TCGA-AA-0006-50"]).loc[0, "sample_id"])  # cell line: not a tumour sample
     assert ch.loc["TCGA-AA-0001", "n_candidates"] == 2
     with_normal = choose_samples(ids, allow_normal=True).set_index("patient_id")
     assert with_normal.loc["TCGA-AA-0004", "sample_id"] == "TCGA-AA-0004-11"
@@ -285,7 +286,7 @@ def test_gse7390_end_to_end_cox(tmp_path):
     event = pd.Series(y["e.tdm"].astype(int), index=samples)
     train_ids, test_ids = train_test_split(samples, test_size=0.3, random_state=0, stratify=event)
     scaler = GeneScaler().fit(df.loc[train_ids])
-    assert scaler.fitted_on(train_ids)
+    assert scaler.fitted_on(train_ids) and not scaler.fitted_on(samples)
     idx = pathway_index_groups(list(df.columns), groups)
 
     def scores(ids):
