@@ -44,6 +44,7 @@ wildcard_constraints:
     model="[A-Za-z0-9_.-]+",
     seed=r"\d+",
     fold=r"\d+",
+    shard=r"\d+",
 
 
 def slide_file(wildcards):
@@ -60,11 +61,32 @@ def member_cohorts(cohort):
     return PANCANCER.get(cohort, [cohort])
 
 
+# Slides per cluster job in the cohort DAG: 1 = one tile + one embed job per slide; N > 1 = one
+# "slide_shard" job per N slides (a 20,000-slide DAG stays small). Per-slide targets keep working.
+SLIDES_PER_JOB = int(config.get("sharding", {}).get("slides_per_job", 1))
+
+
+def shard_slides(cohort, shard):
+    ids = SHEETS[cohort].index
+    return list(ids[int(shard) * SLIDES_PER_JOB : (int(shard) + 1) * SLIDES_PER_JOB])
+
+
+def n_shards(cohort):
+    return -(-len(SHEETS[cohort]) // SLIDES_PER_JOB)
+
+
 def feature_files(cohort):
+    """Per-slide feature files, or the shard manifests listing them."""
+    if SLIDES_PER_JOB <= 1:
+        return [
+            f"{RESULTS}/{c}/features/{ENCODER}/{s}.h5"
+            for c in member_cohorts(cohort)
+            for s in SHEETS[c].index
+        ]
     return [
-        f"{RESULTS}/{c}/features/{ENCODER}/{s}.h5"
+        f"{RESULTS}/{c}/features/{ENCODER}/shards/{k}.tsv"
         for c in member_cohorts(cohort)
-        for s in SHEETS[c].index
+        for k in range(n_shards(c))
     ]
 
 

@@ -41,3 +41,31 @@ rule embed_patches:
         embedding=config["embedding"],
     script:
         "../workflow/scripts/embed_patches.py"
+
+
+rule slide_shard:
+    input:
+        slides=lambda wc: SHEETS[wc.cohort]
+        .loc[shard_slides(wc.cohort, wc.shard), "path"]
+        .tolist(),
+    output:
+        manifest=f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}.tsv",
+    log:
+        "logs/slide_shard/{cohort}/{encoder}/{shard}.log",
+    benchmark:
+        "benchmarks/out/slide_shard/{cohort}/{encoder}/{shard}.tsv"
+    conda:
+        "../envs/embed.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        slides=lambda wc: SHEETS[wc.cohort]
+        .loc[shard_slides(wc.cohort, wc.shard), ["slide_id", "path", "mpp"]]
+        .to_dict("records"),
+        tiles_dir=lambda wc: f"{RESULTS}/{wc.cohort}/tiles",
+        features_dir=lambda wc: f"{RESULTS}/{wc.cohort}/features/{wc.encoder}",
+        tiling=config["tiling"],
+        embedding=config["embedding"],
+    script:
+        "../workflow/scripts/slide_shard.py"

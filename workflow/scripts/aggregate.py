@@ -3,12 +3,13 @@
 from pathlib import Path
 
 from modaltune.aggregate import aggregate
+from modaltune.shards import expand_feature_inputs
 from modaltune.workflow import log_to
 
 with log_to(snakemake.log[0]):
     aggregate(
         list(snakemake.input.metrics),
         str(Path(snakemake.output.md).parent.parent),
-        feature_files=list(snakemake.input.features),
+        feature_files=expand_feature_inputs(snakemake.input.features),
         history_files=list(snakemake.input.histories),
     )

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from modaltune.evaluation import evaluate_run
+from modaltune.shards import expand_feature_inputs
 from modaltune.workflow import log_to
 
 with log_to(snakemake.log[0]):
@@ -12,7 +13,7 @@ with log_to(snakemake.log[0]):
         splits_path=snakemake.input.splits,
         fold=int(snakemake.wildcards.fold),
         pathways_path=snakemake.input.pathways,
-        feature_files=list(snakemake.input.features),
+        feature_files=expand_feature_inputs(snakemake.input.features),
         sheet=list(snakemake.input.sheets),
         out_metrics=snakemake.output.metrics,
         out_embeddings=snakemake.output.embeddings,

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from modaltune.training import train_run
+from modaltune.shards import expand_feature_inputs
 from modaltune.workflow import log_to
 
 with log_to(snakemake.log[0]):
@@ -15,7 +16,7 @@ with log_to(snakemake.log[0]):
         fold=int(snakemake.wildcards.fold),
         seed=int(snakemake.wildcards.seed),
         pathways_path=snakemake.input.pathways,
-        feature_files=list(snakemake.input.features),
+        feature_files=expand_feature_inputs(snakemake.input.features),
         sheet=list(snakemake.input.sheets),
         text_h5=snakemake.input.text,
         out_dir=str(Path(snakemake.output.state).parent),
