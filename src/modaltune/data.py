@@ -137,6 +137,17 @@ def patient_seed(seed: int, patient_id: str, epoch: int) -> list[int]:
     return [int(seed), h, int(epoch)]
 
 
+def usable_slide(path) -> bool:
+    """A features file with status "ok" and at least one row (failed slides have status "failed", 0 rows)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            status = h5.attrs.get("status", "ok")
+            status = status.decode() if isinstance(status, bytes) else str(status)
+            return status != "failed" and "features" in h5 and h5["features"].shape[0] > 0
+    except OSError as e:
+        raise InputError(f"features {path}: cannot open HDF5 ({e}); rerun embed_patches for it") from e
+
+
 # ---------------------------------------------------------------------------------------------- layout
 def place_side_by_side(
     slide_coords: list[np.ndarray],
@@ -218,6 +229,7 @@ class PatientDataset(Dataset):
         grid_ngrids: int | None = None,
         grid_tile: int = 256,
         subsample_eval: bool = False,
+        drop_without_slides: bool = False,
         gene_table: tuple[pd.DataFrame, list[str], list[list[int]]] | None = None,
     ):
         if coords_space not in COORD_SPACES:
@@ -253,6 +265,16 @@ class PatientDataset(Dataset):
                 else:
                     log.warning("slide %s (patient %s) has no features file; skipped", sid, pid)
         self.feature_dim = feature_dim(list(fmap.values())) if fmap else 0
+        self.dropped_without_slides: list[str] = []
+        if drop_without_slides:
+            # Slide-encoder models cannot embed an empty bag; dropping these patients for every model alike
+            # (a data rule, not a model rule) keeps the test sets of all models identical.
+            self.dropped_without_slides = [p for p in ids if not any(map(usable_slide, self.slides[p]))]
+            if self.dropped_without_slides:
+                log.warning("%d patient(s) without a usable slide left out: %s", len(self.dropped_without_slides),
+                            self.dropped_without_slides[:10])
+            ids = [p for p in ids if p not in set(self.dropped_without_slides)]
+            self.patient_ids = ids
 
         genes_df, self.gene_names, self.pathway_groups = gene_table or load_gene_table(pathways_path)
         present = [p for p in ids if p in genes_df.index]

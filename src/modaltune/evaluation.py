@@ -123,10 +123,21 @@ def fit_cox_probe(x_train: np.ndarray, times: np.ndarray, events: np.ndarray, pe
     return res
 
 
-def cox_cindex(probe: dict, x: np.ndarray, times: np.ndarray, events: np.ndarray) -> float | None:
-    """Harrell's C of -partial hazard (higher hazard = shorter survival); None when not computable."""
+def harrell_c(times: np.ndarray, risk: np.ndarray, events: np.ndarray) -> float | None:
+    """lifelines' Harrell C of -risk; None when no pair is comparable (e.g. no event in a tiny test set)."""
     from lifelines.utils import concordance_index
 
+    ok = np.isfinite(times) & np.isfinite(events) & np.isfinite(risk)
+    if ok.sum() < 2 or events[ok].sum() < 1:
+        return None
+    try:
+        return float(concordance_index(times[ok], -risk[ok], events[ok]))
+    except ZeroDivisionError:
+        return None
+
+
+def cox_cindex(probe: dict, x: np.ndarray, times: np.ndarray, events: np.ndarray) -> float | None:
+    """Harrell's C of -partial hazard (higher hazard = shorter survival); None when not computable."""
     if probe is None or probe.get("model") is None:
         return None
     ok = np.isfinite(times) & np.isfinite(events)
@@ -139,7 +150,7 @@ def cox_cindex(probe: dict, x: np.ndarray, times: np.ndarray, events: np.ndarray
     risk = np.asarray(probe["model"].predict_partial_hazard(df), float)
     if not np.all(np.isfinite(risk)):
         return None
-    return float(concordance_index(times[ok], -risk, events[ok]))
+    return harrell_c(times[ok], risk, events[ok])
 
 
 def probe_embeddings(emb: np.ndarray, part: np.ndarray, labels: np.ndarray, times: np.ndarray,
@@ -212,7 +223,6 @@ def load_state(run_dir) -> dict:
 
 
 def _head_metrics(emb: dict, labels, times, events, part, objective: str) -> dict | None:
-    from lifelines.utils import concordance_index
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     from modaltune.losses import risk_from_hazards
@@ -234,10 +244,7 @@ def _head_metrics(emb: dict, labels, times, events, part, objective: str) -> dic
         return {"bacc": float(balanced_accuracy_score(y[keep], pred)), "auroc": auroc}
     if objective == "survival" and emb["hazards"] is not None:
         risk = risk_from_hazards(torch.from_numpy(emb["hazards"][test])).numpy()
-        t, e = times[test], events[test]
-        ok = np.isfinite(t) & np.isfinite(e)
-        ci = float(concordance_index(t[ok], -risk[ok], e[ok])) if ok.sum() > 1 and e[ok].sum() > 0 else None
-        return {"cindex": ci}
+        return {"cindex": harrell_c(times[test], risk, events[test])}
     return None
 
 
@@ -252,7 +259,7 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
     patient_id, partition, embedding).
     """
     from modaltune.data import PatientDataset, load_gene_table, read_cases, read_splits
-    from modaltune.training import build_from_state, file_sha256, fit_fold_preprocessing, pick_device
+    from modaltune.training import build_from_state, file_sha256, fit_fold_preprocessing, grid_of, pick_device
 
     probe_cfg = dict(probe_cfg or {})
     state = load_state(run_dir)
@@ -284,14 +291,14 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
 
     device = pick_device(train_cfg.get("device", "auto"))
     model = build_from_state(state, device)
-    ngrids, tile = model_cfg.get("slide_ngrids"), model_cfg.get("tile_size", 256)
+    ngrids, tile = grid_of(model_cfg)
     ds = PatientDataset(
         cases, split, fold, ["train", "val", "test"], feature_files=feature_files, sheet=sheet,
         pathways_path=pathways_path, text_h5=None, gene_scaler=gene_scaler, covariate_state=cov_state,
         coords_space=train_cfg.get("coords_space", "target"), slide_gap=train_cfg.get("slide_gap", 1500),
         max_patches=probe_cfg.get("max_patches"), seed=seed, train=False,
         subsample_eval=probe_cfg.get("max_patches") is not None, grid_ngrids=ngrids, grid_tile=tile,
-        gene_table=gene_table,
+        gene_table=gene_table, drop_without_slides=bool(train_cfg.get("drop_patients_without_slides", True)),
     )
     if cov_state is not None and ds.clinical.shape[1] != state["dims"]["clinical_dim"]:
         raise InputError(f"cases {cases_path}: clinical covariates have {ds.clinical.shape[1]} columns, the "
@@ -350,7 +357,7 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
         "subtype_bacc": subtype_bacc, "subtype_auroc": subtype_auroc, "survival_cindex": cindex,
         "subtype_token": sub_tok, "survival_token": surv_tok,
         "tokens": tokens, "per_site": per_site, "head": head, "cox": tokens[surv_tok]["cox"],
-        "best_epoch": state.get("best_epoch"),
+        "best_epoch": state.get("best_epoch"), "dropped_without_slides": ds.dropped_without_slides,
         "test_patients": sorted(p for p, q in zip(ids, part, strict=True) if q == "test"),
     }
     write_json(metrics, out_metrics)

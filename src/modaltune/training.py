@@ -31,6 +31,9 @@ TRAIN_DEFAULTS = {
     "grad_accum": 1, "batch_size": 1, "max_patches": 25000, "num_workers": 0, "device": "auto",
     "precision": "auto", "selection": "bacc", "kl_weight": 10.0, "kl_tau": 1.0, "coords_space": "target",
     "slide_gap": 1500, "projector_dim": 256, "n_bins": 4, "surv_alpha": 0.0, "probe_penalizer": 0.1,
+    # Patients whose slides all failed: left out of training, probes and test for every model alike, since
+    # slide-encoder models cannot embed an empty bag and comparisons must stay paired.
+    "drop_patients_without_slides": True,
 }
 
 # Test hook: raise after this many finished epochs (the resume file is already written), to simulate a kill.
@@ -87,11 +90,14 @@ def lr_factor(epoch: int, epochs: int, warmup: int, start: float = 1 / 20) -> fl
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """requires_grad parameters plus buffers of modules that own trainable parameters (never frozen parts)."""
     out = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    persistent = set(model.state_dict().keys())  # non-persistent buffers are derived, never saved
     for mname, mod in model.named_modules():
         if not any(p.requires_grad for p in mod.parameters(recurse=False)):
             continue
         for bname, buf in mod.named_buffers(recurse=False):
-            out[f"{mname}.{bname}" if mname else bname] = buf.detach().cpu().clone()
+            key = f"{mname}.{bname}" if mname else bname
+            if key in persistent:
+                out[key] = buf.detach().cpu().clone()
     return out
 
 
@@ -145,6 +151,19 @@ def build_from_state(state: dict, device) -> torch.nn.Module:
     load_trainable(model, {k: v.to(device) for k, v in state["trainable"].items()})
     model.eval()
     return model
+
+
+SLIDE_ENCODER_ARCHS = ("modaltune", "slide_encoder_lp", "slide_encoder_tuned")
+
+
+def grid_of(model_cfg: dict) -> tuple[int | None, int]:
+    """(slide_ngrids, tile_size) of a model's positional grid, None for models that ignore positions."""
+    b = model_cfg.get("backbone") or {}
+    ngrids = b.get("slide_ngrids", model_cfg.get("slide_ngrids"))
+    tile = b.get("tile_size", model_cfg.get("tile_size", 256))
+    if ngrids is None and model_cfg.get("arch") in SLIDE_ENCODER_ARCHS:
+        ngrids = 1000  # Prov-GigaPath default (paper_config)
+    return (None if ngrids is None else int(ngrids)), int(tile)
 
 
 def _objective(model, model_cfg: dict) -> str:
@@ -309,11 +328,11 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
     train_ids = split.loc[split["partition"] == "train", "patient_id"].tolist()
     tr_cases = cases.loc[train_ids]
     edges = survival_bins(tr_cases["survival_months"], tr_cases["event"], int(cfg["n_bins"]))
-    ngrids, tile = model_cfg.get("slide_ngrids"), model_cfg.get("tile_size", 256)
+    ngrids, tile = grid_of(model_cfg)
     common = dict(feature_files=feature_files, sheet=sheet, pathways_path=pathways_path, text_h5=text_h5,
                   gene_scaler=gene_scaler, covariate_state=cov_state, coords_space=cfg["coords_space"],
                   slide_gap=cfg["slide_gap"], seed=int(seed), grid_ngrids=ngrids, grid_tile=tile,
-                  gene_table=gene_table)
+                  gene_table=gene_table, drop_without_slides=bool(cfg["drop_patients_without_slides"]))
     ds_train = PatientDataset(cases, split, fold, ["train"], max_patches=cfg["max_patches"], train=True, **common)
     ds_probe = PatientDataset(cases, split, fold, ["train"], max_patches=None, train=False, **common)
     ds_val = PatientDataset(cases, split, fold, ["val"], max_patches=None, train=False, **common)
