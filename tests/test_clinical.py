@@ -205,6 +205,9 @@ def test_gdc_missing_literal_and_survival_rules(tmp_path):
     # missing vital status / no follow-up: kept with NaN months
     assert np.isnan(table.loc["TCGA-AA-0005", "survival_months"])
     assert np.isnan(table.loc["TCGA-AA-0006", "survival_months"])
+    assert pd.isna(table.loc["TCGA-AA-0005", "event"]) and pd.isna(table.loc["TCGA-AA-0006", "event"])
+    on_disk = pd.read_parquet(tmp_path / "c.parquet").set_index("patient_id")
+    assert on_disk["event"].isna().sum() == 2 and on_disk.loc["TCGA-AA-0002", "event"] == 1
     assert sorted(report["survival"]["no_usable_survival"]) == ["TCGA-AA-0005", "TCGA-AA-0006"]
     # unknown diagnosis -> -1 and reported; missing diagnosis too
     assert table.loc["TCGA-AA-0003", "label"] == -1

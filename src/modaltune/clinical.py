@@ -434,7 +434,7 @@ def build_clinical_table(
     given (sheet patients missing from the clinical table are an error), else the diagnostic (-DX) slides
     of the biospecimen export (all its slides if none is marked -DX). ``has_rna``: patient in the
     pathways parquet index. Nobody is dropped: unknown diagnoses get label -1, cases without usable
-    survival keep NaN months. ``report_path`` receives a JSON of everything adjusted or excluded.
+    survival keep NaN months and a missing (<NA>) event. ``report_path`` receives a JSON of everything adjusted or excluded.
     """
     code = str(cohort).upper()
     rows, info = read_clinical_tsv(clinical_tsv)
@@ -473,7 +473,8 @@ def build_clinical_table(
             "primary_diagnosis": pd.array(diagnoses, dtype="string"),
             "label": np.asarray(labels, dtype=np.int64),
             "survival_months": months.to_numpy(dtype=float),
-            "event": event.to_numpy(dtype=np.int64),
+            # unknown when the duration is unusable: such patients only drop out of survival metrics
+            "event": pd.array(event.where(months.notna()).to_numpy(), dtype="Int64"),
             **{f: pd.array(v, dtype="string") for f, v in staged.items()},
             "age": pd.to_numeric(cases["age_at_index"], errors="coerce").to_numpy(dtype=float),
         }
@@ -498,7 +499,7 @@ def build_clinical_table(
         "unknown_diagnoses": {str(k): int(v) for k, v in unknown.items()},
         "patients_unknown_diagnosis": table.loc[table["label"] < 0, "patient_id"].tolist(),
         "survival": surv_report,
-        "n_events": int(table["event"].sum()),
+        "n_events": int(table["event"].fillna(0).sum()),
         "conflicts": conflicts,
         "collapse_rule": (
             "primary-diagnosis rows first; first non-missing value per field; "
