@@ -203,7 +203,7 @@ def test_config_errors():
         ModalTune(_cfg(backbone={"type": "nope"}), _dims())
 
 
-def test_paper_configuration_trainable_parameters_match_hand_count():
+def _paper_groups() -> list[list[int]]:
     # 331 pathways with 9,731 memberships, as in the authors' gene table (method 2.4).
     sizes = [29] * 331
     for i in range(9731 - sum(sizes)):
@@ -212,7 +212,12 @@ def test_paper_configuration_trainable_parameters_match_hand_count():
     for s in sizes:
         groups.append(list(range(off, off + s)))
         off += s
-    dims = ModelDims(feature_dim=1536, n_genes=off, pathway_groups=groups)
+    return groups
+
+
+def test_paper_configuration_trainable_parameters_match_hand_count():
+    groups = _paper_groups()
+    dims = ModelDims(feature_dim=1536, n_genes=9731, pathway_groups=groups)
     model = ModalTune(paper_config(), dims)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -225,3 +230,72 @@ def test_paper_configuration_trainable_parameters_match_hand_count():
     assert count(model.adapter.blocks) == 6_836_160
     assert count(model.adapter.prompt_sa) == 1_333_632
     assert count(model.gene_encoder) == 25_102_170
+
+
+# ----------------------------------------------------------------------------- TITAN backbone
+def _titan_cfg() -> dict:
+    from modaltune.models.titan import titan_config
+
+    return merge_config({"backbone": {"embed_dim": 64, "num_heads": 4, "tile_size": 256},
+                         "adapter": {"num_heads": 4}, "genes": {"latent_dim": 16, "final_groups": 8}},
+                        titan_config())
+
+
+def test_titan_alibi_slopes_and_cell_aggregation():
+    from modaltune.models.titan import TitanEncoder, alibi_slopes
+
+    assert alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
+    assert alibi_slopes(12)[8:] == pytest.approx([2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5])
+    enc = TitanEncoder(in_chans=4, embed_dim=16, depth=1, num_heads=4, tile_size=100)
+    feats = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 3.0, 0]])
+    coords = torch.tensor([[1000.0, 500.0], [1050.0, 560.0], [1210.0, 500.0]])  # first two share a cell
+    grid, pos = enc._cells(feats, coords)
+    assert pos.tolist() == [[0, 0], [2, 0]]
+    assert grid.tolist() == [[1.0, 2.0, 0, 0], [0, 0, 3.0, 0]]
+    _, ctx = enc.prepare(feats[None], coords[None])
+    assert ctx["bias"][0, 0, 1, 2].item() == pytest.approx(-2.0 * alibi_slopes(4)[0])
+    assert ctx["bias"][0, :, 0].abs().sum() == 0  # CLS row unbiased
+
+
+def test_titan_checkpoint_round_trip(tmp_path):
+    from modaltune.models.titan import TitanEncoder, load_titan_checkpoint
+
+    torch.manual_seed(7)
+    src = TitanEncoder(in_chans=8, embed_dim=16, depth=2, num_heads=4).eval()
+    state = {f"vision_encoder.{k}": v for k, v in src.state_dict().items()}
+    state["text_encoder.token_embedding.weight"] = torch.zeros(2, 2)
+    torch.save(state, tmp_path / "titan.pt")
+    dst = TitanEncoder(in_chans=8, embed_dim=16, depth=2, num_heads=4).eval()
+    assert load_titan_checkpoint(dst, tmp_path / "titan.pt") == ["text_encoder.token_embedding.weight"]
+    feats, coords = torch.randn(1, 30, 8), torch.randint(0, 9000, (1, 30, 2)).float()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(feats, coords), src(feats, coords), atol=0, rtol=0)
+    del state["vision_encoder.norm.bias"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(InputError, match="vision_encoder.norm.bias"):
+        load_titan_checkpoint(dst, tmp_path / "broken.pt")
+
+
+def test_titan_modaltune_batched_equals_per_patient():
+    torch.manual_seed(8)
+    dims = ModelDims(feature_dim=FEAT, n_genes=N_GENES, pathway_groups=GROUPS)
+    model = ModalTune(_titan_cfg(), dims).eval()
+    assert model.backbone.n_layers == 6 and model.final_norm.normalized_shape == (64 * 3,)
+    p1, p2 = _patient(120, 9), _patient(70, 10)
+    with torch.no_grad():
+        both = model(_collate([p1, p2]))["embedding"]
+        one, two = model(p1)["embedding"], model(p2)["embedding"]
+    assert both.shape == (2, 3, 256) and torch.isfinite(both).all()
+    torch.testing.assert_close(both[0], one[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[1], two[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_titan_paper_configuration_trainable_parameters():
+    from modaltune.models.titan import titan_config
+
+    dims = ModelDims(feature_dim=768, n_genes=9731, pathway_groups=_paper_groups())
+    model = ModalTune(titan_config(), dims)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # method 2.4: TITAN gene-only with the 'cat' head ~33.92 M (= 33,524,890 + LN/Linear over 3x768 inputs)
+    assert n_train - 64 * 768 == 33_921_178
