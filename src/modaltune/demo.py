@@ -184,19 +184,21 @@ _E_OD = np.array([0.072, 0.990, 0.105], dtype=np.float32)
 _BG_OD = np.float32(-np.log(240.0 / 255.0))
 
 # Class-dependent nuclear phenotype (level-0 px at 0.25 mpp): class 1 denser, larger, darker nuclei.
-_NUC_SPACING = {0: 52.0, 1: 38.0}    # mean distance between nuclei
-_NUC_RADIUS = {0: 12.0, 1: 16.0}
-_NUC_H = {0: 0.85, 1: 1.05}          # haematoxylin concentration inside a nucleus
-_STROMA_H = {0: 0.03, 1: 0.09}       # faint haematoxylin in stroma: class 1 looks a little more purple
-_STROMA_E = {0: 0.42, 1: 0.36}
+_NUC_SPACING = {0: 50.0, 1: 42.0}    # mean distance between nuclei
+_NUC_RADIUS = {0: 13.0, 1: 15.0}
+_NUC_H = {0: 0.90, 1: 1.00}          # haematoxylin concentration inside a nucleus
+_STROMA_H = {0: 0.04, 1: 0.07}       # faint haematoxylin in stroma: class 1 looks a little more purple
+_STROMA_E = {0: 0.40, 1: 0.38}
+# Per-patient spread: each class difference above is about one spread, so only their combination
+# separates the classes well (a single colour or size does not).
 
 
 def _patient_phenotype(cls: int, rng: np.random.Generator) -> dict:
     """Class means with per-patient variation wide enough that no single number separates the classes."""
     return {
-        "spacing": _NUC_SPACING[cls] * float(np.exp(rng.normal(0, 0.18))),
+        "spacing": _NUC_SPACING[cls] * float(np.exp(rng.normal(0, 0.17))),
         "radius": _NUC_RADIUS[cls] * float(np.exp(rng.normal(0, 0.12))),
-        "nuc_h": _NUC_H[cls] * float(np.exp(rng.normal(0, 0.12))),
+        "nuc_h": _NUC_H[cls] * float(np.exp(rng.normal(0, 0.10))),
         "stroma_h": max(0.0, _STROMA_H[cls] + float(rng.normal(0, 0.03))),
         "stroma_e": _STROMA_E[cls] * float(np.exp(rng.normal(0, 0.15))),
         "stain_h": float(np.exp(rng.normal(0, 0.10))),  # lab-to-lab stain strength, class independent
