@@ -246,3 +246,35 @@ def test_cuda_amp_matches_cpu(tmp_path):
         a, b = c["features"][:], g["features"][:]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99
+
+
+def test_real_tile_reader_from_pyramidal_tiff(tmp_path):
+    """The default reader: a real pyramidal TIFF tiled by modaltune.tiling, read in DataLoader workers."""
+    tiling = pytest.importorskip("modaltune.tiling")
+    from modaltune.demo import write_pyramid_tiff
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:512, 0:512]
+    rgb = np.stack([160 + 40 * np.sin(xx / 9.0), 90 + 30 * np.cos(yy / 7.0), 180 + 0 * xx], axis=-1)
+    rgb = np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
+    write_pyramid_tiff(tmp_path / "slide.tiff", rgb, mpp=0.5, tile=128)
+    tiles = tmp_path / "tiles.h5"
+    res = tiling.tile_slide(str(tmp_path / "slide.tiff"), str(tiles), patch_size=P, target_mpp=0.5,
+                            min_tissue=0.0, on_error="raise")
+    n = res["n_tiles"]
+    assert n > 0
+    kw = dict(encoder_kwargs={"img_size": P}, batch_size=16, progress=False)
+    a = embed_slide(tiles, tmp_path / "a.h5", num_workers=2, **kw)
+    b = embed_slide(tiles, tmp_path / "b.h5", num_workers=0, **kw)
+    assert a["status"] == b["status"] == "ok" and a["n_tiles"] == n
+    with h5py.File(tmp_path / "a.h5", "r") as fa, h5py.File(tmp_path / "b.h5", "r") as fb:
+        np.testing.assert_array_equal(fa["features"][:], fb["features"][:])
+        feats, coords = fa["features"][:], fa["coords"][:]
+    reader = tiling.TileReader(str(tiles))
+    np.testing.assert_array_equal(coords, reader.coords)
+    from modaltune.encoders import build_encoder
+
+    enc = build_encoder("tiny", img_size=P)
+    with torch.no_grad():
+        want = enc.model(enc.transform(reader[n - 1])[None]).numpy()[0]
+    np.testing.assert_allclose(feats[n - 1], want, rtol=1e-4, atol=1e-5)
