@@ -37,7 +37,7 @@ def make_cohort(root: Path, n_patients: int = 30, seed: int = 0, cohort: str = "
     stage = np.array(["I", "II", "III", None])[rng.integers(0, 4, n_patients)]
     cases = pd.DataFrame({
         "patient_id": ids, "case_id": [f"uuid-{p}" for p in ids], "project_id": f"TCGA-{cohort}",
-        "site": (np.array(sites)[np.arange(n_patients) % len(sites)] if sites else cohort),
+        "site": (np.array(sites)[(np.arange(n_patients) // 2) % len(sites)] if sites else cohort),
         "primary_diagnosis": np.where(label == 1, "lobular carcinoma", "infiltrating duct carcinoma"),
         "label": label, "survival_months": times, "event": event, "stage": stage,
         "t": "T2", "n": "N0", "m": "M0", "age": rng.normal(60, 10, n_patients), "has_rna": True,
@@ -170,7 +170,11 @@ def _has_real_model_modules() -> bool:
 
 @pytest.fixture(autouse=True)
 def _registry_without_missing_modules(monkeypatch):
-    """Until every colleague's model module exists, import only the ones present."""
+    prepare_env(monkeypatch)
+
+
+def prepare_env(monkeypatch):
+    """One CPU thread; until every colleague's module exists, import only the ones present."""
     import importlib
     import importlib.util
 
