@@ -65,8 +65,49 @@ def test_demo_dag_writes_summary_with_metrics_above_chance(demo_run):
     assert mt["survival_cindex_mean"] > 0.55, summary.to_string()
 
 
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Job counts per rule that a dry run would execute."""
+    res = snakemake(workdir, "-n", *args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out[out.index("Job stats:"):].splitlines()[3:]
+    counts = {}
+    for line in table:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
 @pytest.mark.slow
-def test_rerun_of_finished_dag_schedules_nothing(demo_run):
-    res = snakemake(demo_run, "-n", "--rerun-triggers", "mtime", "params", "input")
-    assert res.returncode == 0
-    assert "Nothing to be done" in res.stdout + res.stderr
+def test_fresh_clone_mtimes_schedule_nothing_with_profile(demo_run):
+    # A fresh clone gives every tracked file (scripts, rules, config) a new mtime.
+    for part in ("Snakefile", "rules", "workflow", "config", "test_config.yaml"):
+        for f in [demo_run / part] if (demo_run / part).is_file() else (demo_run / part).rglob("*"):
+            f.touch()
+    assert planned_jobs(demo_run, "--profile", "profiles/slurm") == {}
+
+
+@pytest.mark.slow
+def test_rerun_one_slide_and_one_run_alone(demo_run):
+    slide = sorted((demo_run / "results/demo/features/tiny").glob("*.h5"))[0]
+    target = str(slide.relative_to(demo_run))
+    assert planned_jobs(demo_run, target, "--force") == {"embed_patches": 1}
+    before = {p: p.stat().st_mtime_ns for p in slide.parent.glob("*.h5")}
+    res = snakemake(demo_run, "-c1", target, "--force")
+    assert res.returncode == 0, res.stderr[-3000:]
+    changed = [p for p in before if p.stat().st_mtime_ns != before[p]]
+    assert changed == [slide]
+
+    run = "results/demo/runs/snn/seed_0/fold_1/state.pt"
+    assert planned_jobs(demo_run, run, "--force") == {"train": 1}
+
+
+@pytest.mark.slow
+def test_deleting_one_output_reruns_only_its_dependents(demo_run):
+    (demo_run / "results/demo/runs/snn/seed_0/fold_0/metrics.json").unlink()
+    planned = planned_jobs(demo_run, "--rerun-triggers", "mtime", "params", "input")
+    assert planned == {"evaluate": 1, "aggregate": 1, "all": 1}
