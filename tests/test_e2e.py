@@ -92,6 +92,13 @@ def test_fresh_clone_mtimes_schedule_nothing_with_profile(demo_run):
 
 
 @pytest.mark.slow
+def test_deleting_one_output_reruns_only_its_dependents(demo_run):
+    (demo_run / "results/demo/runs/snn/seed_0/fold_0/metrics.json").unlink()
+    planned = planned_jobs(demo_run, "--rerun-triggers", "mtime", "params", "input")
+    assert planned == {"evaluate": 1, "aggregate": 1, "all": 1}
+
+
+@pytest.mark.slow
 def test_rerun_one_slide_and_one_run_alone(demo_run):
     slide = sorted((demo_run / "results/demo/features/tiny").glob("*.h5"))[0]
     target = str(slide.relative_to(demo_run))
@@ -104,10 +111,3 @@ def test_rerun_one_slide_and_one_run_alone(demo_run):
 
     run = "results/demo/runs/snn/seed_0/fold_1/state.pt"
     assert planned_jobs(demo_run, run, "--force") == {"train": 1}
-
-
-@pytest.mark.slow
-def test_deleting_one_output_reruns_only_its_dependents(demo_run):
-    (demo_run / "results/demo/runs/snn/seed_0/fold_0/metrics.json").unlink()
-    planned = planned_jobs(demo_run, "--rerun-triggers", "mtime", "params", "input")
-    assert planned == {"evaluate": 1, "aggregate": 1, "all": 1}

@@ -228,3 +228,19 @@ def test_sha256_and_unwrap(tmp_path):
     assert unwrap_state_dict({"module.a": t, "module.b": t}, "x").keys() == {"a", "b"}
     with pytest.raises(InputError, match="state dict"):
         unwrap_state_dict({"epoch": 3}, "ckpt.pt")
+
+
+def test_sha256_disk_cache(tmp_path, monkeypatch):
+    from modaltune.encoders import base
+
+    monkeypatch.setattr(base, "DISK_CACHE_MIN_BYTES", 0)
+    monkeypatch.setenv("MODALTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights v1")
+    first = sha256_file(f)
+    cached = list((tmp_path / "cache" / "sha256").glob("*.txt"))
+    assert first == hashlib.sha256(b"weights v1").hexdigest() and len(cached) == 1
+    assert cached[0].read_text().strip() == first
+    f.write_bytes(b"weights v2, longer")  # new size and mtime: a new key, never the stale digest
+    assert sha256_file(f) == hashlib.sha256(b"weights v2, longer").hexdigest()
+    assert len(list((tmp_path / "cache" / "sha256").glob("*.txt"))) == 2

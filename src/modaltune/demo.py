@@ -72,7 +72,6 @@ def _halve(img: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(img).reduce(2))
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Cohort layout: who is in which class, who has two slides / no RNA / a normal sample. Cheap (no images) so
 # that ``demo_sheet`` can run at Snakefile parse time and agree exactly with ``make_demo_cohort``.

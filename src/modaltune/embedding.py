@@ -252,7 +252,7 @@ def embed_slide(tiles_h5: str | Path, out_h5: str | Path, *, encoder: str = "tin
     from tqdm.auto import tqdm
 
     attrs = dict(base, feature_dim=enc.feature_dim, precision=str(amp_dtype or torch.float32).replace("torch.", ""),
-                 device=dev.type, model_load_s=round(load_s, 3))
+                 device=dev.type, model_load_s=round(load_s, 3), batch_size=batch_size, num_workers=num_workers)
     np_dtype = np.dtype(feature_dtype)
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         chunk_rows = max(1, min(n, 1024))

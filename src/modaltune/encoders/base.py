@@ -23,6 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from modaltune.errors import InputError
+from modaltune.io_utils import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,18 +31,44 @@ _CHUNK = 1 << 20  # 1 MiB: hashing multi-GB checkpoints without loading them int
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file, read in 1 MiB chunks; cached per (path, size, mtime) within a process."""
+    """sha256 of a file, read in 1 MiB chunks.
+
+    Cached per (real path, size, mtime) in memory and, for large files, on disk under
+    ``$MODALTUNE_CACHE_DIR`` (default ``~/.cache/modaltune``): every per-slide embedding job checks the
+    checkpoint hash, and re-hashing a 4.5 GB checkpoint for each of thousands of slides adds up.
+    """
     st = os.stat(path)
     return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
+DISK_CACHE_MIN_BYTES = 256 << 20
+
+
+def _cache_file(path: str, size: int, mtime_ns: int) -> Path | None:
+    if size < DISK_CACHE_MIN_BYTES:
+        return None
+    root = Path(os.environ.get("MODALTUNE_CACHE_DIR") or Path.home() / ".cache" / "modaltune")
+    key = hashlib.sha256(f"{path}|{size}|{mtime_ns}".encode()).hexdigest()[:32]
+    return root / "sha256" / f"{key}.txt"
+
+
 @lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    cache = _cache_file(path, size, mtime_ns)
+    if cache is not None and cache.is_file():
+        digest = cache.read_text().strip()
+        if len(digest) == 64:
+            return digest
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_CHUNK):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if cache is not None:
+        with contextlib.suppress(OSError):  # a read-only home only costs the re-hash next time
+            with atomic_path(cache) as tmp:
+                tmp.write_text(digest + "\n")
+    return digest
 
 
 class ResizeCrop:
