@@ -334,3 +334,44 @@ def test_real_abmil_trains_one_epoch(cohort, tmp_path):
                                                             "hidden": 16, "attn_dim": 8},
                                train_cfg={"epochs": 1}))
     assert res["objective"] == "classification" and len(res["history"]) == 1
+
+
+@pytest.mark.skipif(not _has_real_model_modules(), reason="colleagues' model modules not there yet")
+def test_real_modaltune_trainable_state_excludes_frozen_backbone():
+    from modaltune.models import ModelDims, build_model
+    from modaltune.models.modaltune import demo_config
+    from modaltune.training import load_trainable, trainable_state
+
+    dims = ModelDims(feature_dim=D, n_genes=N_PATHWAYS * GENES_PER_PW,
+                     pathway_groups=[list(range(k * GENES_PER_PW, (k + 1) * GENES_PER_PW)) for k in range(N_PATHWAYS)],
+                     text_dim=T_DIM)
+    torch.manual_seed(0)
+    model = build_model("modaltune", demo_config(), dims)
+    st = trainable_state(model)
+    assert st and not any(k.startswith("backbone.") for k in st)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(v.numel() for k, v in st.items() if k in dict(model.named_parameters())) == n_trainable
+    torch.manual_seed(0)
+    again = build_model("modaltune", demo_config(), dims)
+    for p in again.parameters():
+        if p.requires_grad:
+            p.data.add_(1.0)
+    load_trainable(again, st)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_real_model_modules(), reason="colleagues' model modules not there yet")
+def test_real_modaltune_train_and_evaluate(tmp_path):
+    from modaltune.evaluation import evaluate_run
+    from modaltune.models.modaltune import demo_config
+    from modaltune.training import train_run
+
+    c = make_cohort(tmp_path, n_patients=14)
+    cfg = {"arch": "modaltune", **demo_config(), "output_dim": E_DIM}
+    train_run(**run_args(c, tmp_path / "run", model_cfg=cfg, train_cfg={"epochs": 1}))
+    m = evaluate_run(run_dir=tmp_path / "run", cases_path=c["cases_path"], splits_path=c["splits_path"], fold=0,
+                     pathways_path=c["pathways_path"], feature_files=c["feature_files"], sheet=c["sheet"],
+                     out_metrics=tmp_path / "m.json", out_embeddings=tmp_path / "e.npz")
+    assert set(m["tokens"]) == {"general", "diagnosis", "survival"} and m["arch"] == "modaltune"

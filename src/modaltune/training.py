@@ -278,7 +278,8 @@ def _plot_curves(history: pd.DataFrame, path: Path, title: str) -> None:
     ax[0].set(xlabel="epoch", ylabel="loss", title=title)
     ax[1].set(xlabel="epoch", ylabel="metric")
     for a in ax:
-        a.legend(fontsize=8)
+        if a.lines:
+            a.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=90)
