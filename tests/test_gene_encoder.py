@@ -11,6 +11,15 @@ from modaltune.errors import InputError
 from modaltune.models.gene_encoder import GeneMixerEncoder, PathwayTowers, SNNBlock
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: extra intra-op threads only add contention (and slow down badly on a busy 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _random_groups(n_genes: int, sizes: list[int], seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [sorted(rng.choice(n_genes, size=s, replace=False).tolist()) for s in sizes]

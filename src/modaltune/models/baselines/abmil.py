@@ -1,0 +1,55 @@
+"""ABMIL: gated attention-based multiple-instance learning (Ilse, Tomczak & Welling, ICML 2018)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from modaltune.models.baselines.common import (
+    BaselineModel,
+    GatedAttentionPool,
+    MissingSlot,
+    check_keys,
+    objective_of,
+    patch_inputs,
+)
+from modaltune.models.registry import ModelDims, register_model
+
+_KEYS = {"hidden", "attn_dim", "dropout", "head_hidden"}
+
+
+class ABMIL(BaselineModel):
+    """Linear(D->hidden)+ReLU+Dropout -> gated attention over the patient's real patches -> weighted sum.
+
+    A patient without any real patch gets a learned missing embedding.
+    """
+
+    def __init__(self, feature_dim: int, objective: str, dims: ModelDims, hidden: int = 512,
+                 attn_dim: int = 256, dropout: float = 0.25, head_hidden: int | None = None):
+        super().__init__(objective)
+        self.embed_dim = hidden
+        self.fc = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.pool = GatedAttentionPool(hidden, attn_dim, dropout)
+        self.no_patches = MissingSlot(hidden)
+        self.add_head(dims, head_hidden)
+
+    def embed(self, batch: dict) -> Tensor:
+        feats, mask = patch_inputs(batch)
+        pooled, _ = self.pool(self.fc(feats), mask)
+        return self.no_patches(pooled, mask.any(dim=1))
+
+    def attention(self, batch: dict) -> Tensor:
+        """Attention weights (B, N) over patches (zeros on padding), e.g. for heatmaps."""
+        feats, mask = patch_inputs(batch)
+        return self.pool(self.fc(feats), mask)[1]
+
+
+def abmil_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> ABMIL:
+    check_keys(cfg, _KEYS)
+    return ABMIL(dims.feature_dim, objective, dims, hidden=int(cfg.get("hidden", 512)),
+                 attn_dim=int(cfg.get("attn_dim", 256)), dropout=float(cfg.get("dropout", 0.25)),
+                 head_hidden=cfg.get("head_hidden"))
+
+
+@register_model("abmil")
+def build_abmil(cfg: dict, dims: ModelDims) -> ABMIL:
+    return abmil_from_cfg(cfg, dims, objective_of(cfg))

@@ -1,0 +1,163 @@
+"""Pathway x patch co-attention baselines: MCAT (Chen et al., ICCV 2021) and SurvPath (Jaume et al., CVPR 2024).
+
+Both build one token per pathway with the per-pathway S-MLP towers (``PathwayTowers``) and one token per
+patch with a linear projection of the patch features. A patient without RNA gets a learned set of
+pathway tokens; a patient without patches gets a learned slide-side embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modaltune.models.baselines.common import (
+    BaselineModel,
+    GatedAttentionPool,
+    MissingSlot,
+    check_keys,
+    gene_inputs,
+    masked_mean,
+    objective_of,
+    patch_inputs,
+    safe_key_padding,
+)
+from modaltune.models.gene_encoder import PathwayTowers
+from modaltune.models.registry import ModelDims, register_model
+
+
+def _encoder(dim: int, heads: int, dropout: float, n_layers: int) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout,
+                                       activation="relu", batch_first=True)
+    return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+
+
+class MCAT(BaselineModel):
+    """Genomic-guided co-attention: pathway tokens query the patch tokens (1 head), then a transformer and
+    gated attention pooling on each side, concatenation and a two-layer fusion MLP."""
+
+    def __init__(self, dims: ModelDims, objective: str, dim: int = 256, num_heads: int = 8,
+                 dropout: float = 0.25, n_layers: int = 2, head_hidden: int | None = None):
+        super().__init__(objective)
+        self.embed_dim = dim
+        self.wsi_net = nn.Sequential(nn.Linear(dims.feature_dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.towers = PathwayTowers(dims.pathway_groups, latent_dim=dim, dropout=dropout)
+        self.no_genes = MissingSlot(self.towers.n_pathways, dim)
+        self.coattn = nn.MultiheadAttention(dim, 1, batch_first=True)
+        self.path_transformer = _encoder(dim, num_heads, dropout, n_layers)
+        self.path_pool = GatedAttentionPool(dim, dim, dropout)
+        self.path_rho = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.omic_transformer = _encoder(dim, num_heads, dropout, n_layers)
+        self.omic_pool = GatedAttentionPool(dim, dim, dropout)
+        self.omic_rho = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.no_patches = MissingSlot(dim)
+        self.fusion = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+        self.add_head(dims, head_hidden)
+
+    def embed(self, batch: dict) -> Tensor:
+        feats, mask = patch_inputs(batch)
+        genes, has_genes = gene_inputs(batch)
+        patches = self.wsi_net(feats)
+        omic = self.no_genes(self.towers(genes), has_genes)  # (B, P, dim)
+        coattn = self.coattn(omic, patches, patches, key_padding_mask=safe_key_padding(mask),
+                             need_weights=False)[0]
+        h_path = self.path_rho(self.path_pool(self.path_transformer(coattn))[0])
+        h_path = self.no_patches(h_path, mask.any(dim=1))
+        h_omic = self.omic_rho(self.omic_pool(self.omic_transformer(omic))[0])
+        return self.fusion(torch.cat([h_path, h_omic], dim=1))
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    return t.transpose(1, 2).flatten(2)  # (B, heads, n, dh) -> (B, n, heads * dh)
+
+
+class InteractionAttention(nn.Module):
+    """SurvPath's masked attention over [pathway tokens; patch tokens].
+
+    Pathway queries see all pathway and real patch keys; patch queries see only pathway keys (no
+    patch<->patch attention). Computed as two attention calls, which equals the full masked attention
+    while keeping memory linear in the number of patches.
+    """
+
+    def __init__(self, dim: int, heads: int = 1, dim_head: int | None = None, dropout: float = 0.1):
+        super().__init__()
+        dim_head = dim_head or dim // heads
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (B, heads, n, dim_head)
+
+    def forward(self, path: Tensor, patches: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        qp, kp, vp = self._split(path)
+        qx, kx, vx = self._split(patches)
+        p = self.dropout if self.training else 0.0
+        allowed = torch.cat([torch.ones_like(mask[:, : path.shape[1]]), mask], dim=1)[:, None, None, :]
+        path_out = F.scaled_dot_product_attention(
+            qp, torch.cat([kp, kx], dim=2), torch.cat([vp, vx], dim=2), attn_mask=allowed, dropout_p=p
+        )
+        patch_out = F.scaled_dot_product_attention(qx, kp, vp, dropout_p=p)
+        return self.out(_merge_heads(path_out)), self.out(_merge_heads(patch_out))
+
+
+class SurvPath(BaselineModel):
+    """Pathway and patch tokens -> one pre-LN transformer layer with the interaction mask -> mean pooling
+    of each side -> concatenation (the embedding) -> MLP head (2*dim -> dim/4 -> out)."""
+
+    def __init__(self, dims: ModelDims, objective: str, dim: int = 256, attn_heads: int = 1,
+                 dim_head: int | None = None, dropout: float = 0.1, ff_mult: int = 4,
+                 head_hidden: int | None = None):
+        super().__init__(objective)
+        self.embed_dim = 2 * dim
+        self.wsi_projection = nn.Linear(dims.feature_dim, dim)
+        self.towers = PathwayTowers(dims.pathway_groups, latent_dim=dim, dropout=0.25)
+        self.no_genes = MissingSlot(self.towers.n_pathways, dim)
+        self.norm_attn = nn.LayerNorm(dim)
+        self.attn = InteractionAttention(dim, attn_heads, dim_head, dropout)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(ff_mult * dim, dim), nn.Dropout(dropout))
+        self.norm_out = nn.LayerNorm(dim)
+        self.no_patches = MissingSlot(dim)
+        self.add_head(dims, head_hidden if head_hidden is not None else max(1, dim // 4))
+
+    def embed(self, batch: dict) -> Tensor:
+        feats, mask = patch_inputs(batch)
+        genes, has_genes = gene_inputs(batch)
+        path = self.no_genes(self.towers(genes), has_genes)
+        patches = self.wsi_projection(feats)
+        n_path = path.shape[1]
+        x = torch.cat([path, patches], dim=1)
+        h = self.norm_attn(x)
+        path_upd, patch_upd = self.attn(h[:, :n_path], h[:, n_path:], mask)
+        x = x + torch.cat([path_upd, patch_upd], dim=1)
+        x = self.norm_out(x + self.ff(x))
+        h_path = x[:, :n_path].mean(dim=1)
+        h_wsi = self.no_patches(masked_mean(x[:, n_path:], mask), mask.any(dim=1))
+        return torch.cat([h_path, h_wsi], dim=1)
+
+
+def mcat_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> MCAT:
+    check_keys(cfg, {"dim", "num_heads", "dropout", "n_layers", "head_hidden"})
+    return MCAT(dims, objective, dim=int(cfg.get("dim", 256)), num_heads=int(cfg.get("num_heads", 8)),
+                dropout=float(cfg.get("dropout", 0.25)), n_layers=int(cfg.get("n_layers", 2)),
+                head_hidden=cfg.get("head_hidden"))
+
+
+def survpath_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> SurvPath:
+    check_keys(cfg, {"dim", "attn_heads", "dim_head", "dropout", "ff_mult", "head_hidden"})
+    return SurvPath(dims, objective, dim=int(cfg.get("dim", 256)), attn_heads=int(cfg.get("attn_heads", 1)),
+                    dim_head=cfg.get("dim_head"), dropout=float(cfg.get("dropout", 0.1)),
+                    ff_mult=int(cfg.get("ff_mult", 4)), head_hidden=cfg.get("head_hidden"))
+
+
+@register_model("mcat")
+def build_mcat(cfg: dict, dims: ModelDims) -> MCAT:
+    return mcat_from_cfg(cfg, dims, objective_of(cfg))
+
+
+@register_model("survpath")
+def build_survpath(cfg: dict, dims: ModelDims) -> SurvPath:
+    return survpath_from_cfg(cfg, dims, objective_of(cfg))

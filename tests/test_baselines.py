@@ -1,0 +1,303 @@
+"""Tests for the baseline models: shapes, gradients, masking, missing modalities, a planted-signal fit."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modaltune.models.baselines as baselines
+from modaltune.errors import InputError
+from modaltune.models.baselines import slide_encoder as se
+from modaltune.models.baselines.coattn import InteractionAttention
+from modaltune.models.registry import _REGISTRY, ModelDims
+
+FEAT, GENES, N_PATH = 16, 60, 6
+DIMS = ModelDims(
+    feature_dim=FEAT, n_genes=GENES,
+    pathway_groups=[list(range(i * 10, i * 10 + 10)) for i in range(N_PATH)],
+    n_classes=3, n_bins=4,
+)
+
+# Demo-size configs (the same blocks as docs/BASELINES.md, scaled to the test's 16-d features).
+CONFIGS: dict[str, dict] = {
+    "abmil": {"hidden": 32, "attn_dim": 16, "dropout": 0.1},
+    "transmil": {"hidden": 32, "num_heads": 4},
+    "mlp": {"hidden": [32, 32]},
+    "snn": {"hidden": [32, 32]},
+    "gene_mixer": {"latent_dim": 16, "depth": 2, "out_dim": 32},
+    "mcat": {"dim": 32, "num_heads": 4, "n_layers": 1},
+    "survpath": {"dim": 32},
+    "late_fusion": {"slide_side": "abmil", "slide": {"hidden": 32, "attn_dim": 16}, "gene_side": "snn",
+                    "genes": {"hidden": [32, 32]}},
+    "late_fusion_transmil": {"slide_side": "transmil", "slide": {"hidden": 32, "num_heads": 4},
+                             "gene_side": "gene_mixer", "genes": {"latent_dim": 16, "depth": 1, "out_dim": 16},
+                             "fusion_hidden": 32},
+    "late_fusion_slide_encoder": {"slide_side": "slide_encoder", "slide": {"backbone": {}},
+                                  "gene_side": "mlp", "genes": {"hidden": [32]}},
+    "slide_encoder_tuned": {"backbone": {}, "activation_checkpointing": True},
+}
+SUPERVISED = list(CONFIGS)
+USES_PATCHES = ["abmil", "transmil", "mcat", "survpath", "late_fusion", "late_fusion_transmil",
+                "late_fusion_slide_encoder", "slide_encoder_tuned"]
+USES_GENES = ["mlp", "snn", "gene_mixer", "mcat", "survpath", "late_fusion", "late_fusion_transmil",
+              "late_fusion_slide_encoder"]
+
+
+class TinySlideEncoder(nn.Module):
+    """Stand-in slide encoder with the backbone interface: CLS + 2 transformer layers over patches."""
+
+    embed_dim = 16
+
+    def __init__(self, feature_dim: int = FEAT, dropout: float = 0.1):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, self.embed_dim)
+        self.pos = nn.Linear(2, self.embed_dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, self.embed_dim) * 0.02)
+        self.layers = nn.ModuleList(
+            [nn.TransformerEncoderLayer(self.embed_dim, 2, 32, dropout=dropout, batch_first=True)
+             for _ in range(2)]
+        )
+
+    def encode(self, features, coords, patch_mask):
+        x = self.proj(features) + self.pos(coords / 1000.0)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        keep = torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1)
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=~keep)
+        return x[:, 0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: extra intra-op threads only add contention (and slow down badly on a busy 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_backbone(monkeypatch):
+    monkeypatch.setattr(se, "build_slide_backbone", lambda bcfg, dims: TinySlideEncoder(dims.feature_dim))
+
+
+def _arch(name: str) -> str:
+    return "late_fusion" if name.startswith("late_fusion") else name
+
+
+def build(name: str, objective: str = "classification", dims: ModelDims = DIMS) -> nn.Module:
+    torch.manual_seed(0)
+    return _REGISTRY[_arch(name)]({"arch": _arch(name), "objective": objective, **CONFIGS[name]}, dims)
+
+
+def make_batch(n_real=(12, 7, 0, 3), n_total: int = 12, seed: int = 0, has_genes=(True, False, True, True)):
+    g = torch.Generator().manual_seed(seed)
+    b = len(n_real)
+    mask = torch.zeros(b, n_total, dtype=torch.bool)
+    for i, n in enumerate(n_real):
+        mask[i, :n] = True
+    feats = torch.randn(b, n_total, FEAT, generator=g) * mask.unsqueeze(-1)
+    coords = torch.randint(0, 4000, (b, n_total, 2), generator=g).float() * mask.unsqueeze(-1)
+    has = torch.tensor(has_genes)
+    genes = torch.randn(b, GENES, generator=g) * has.unsqueeze(1)
+    return {
+        "features": feats, "coords": coords, "patch_mask": mask, "genes": genes, "has_genes": has,
+        "clinical": torch.zeros(b, 0), "has_clinical": torch.zeros(b, dtype=torch.bool),
+        "label": torch.zeros(b, dtype=torch.long), "time": torch.ones(b), "event": torch.ones(b),
+        "patient_id": [f"P{i}" for i in range(b)], "site": ["BRCA"] * b,
+    }
+
+
+def test_registry_has_every_baseline():
+    assert set(baselines.BASELINE_NAMES) <= set(_REGISTRY)
+    if importlib.util.find_spec("modaltune.models.modaltune") is not None:
+        from modaltune.models.registry import available_models
+
+        assert set(baselines.BASELINE_NAMES) <= set(available_models())
+
+
+@pytest.mark.parametrize("objective", ["classification", "survival"])
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_output_shapes_and_objective(name, objective):
+    model = build(name, objective).eval()
+    out = model(make_batch())
+    assert model.objective == objective
+    assert out["embedding"].shape == (4, model.embed_dim)
+    key, n = ("logits", DIMS.n_classes) if objective == "classification" else ("hazards", DIMS.n_bins)
+    assert out[key].shape == (4, n)
+    assert set(out) == {"embedding", key}
+    for v in out.values():
+        assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_every_trainable_parameter_gets_a_gradient(name):
+    # The batch has a patient without patches and one without RNA, so the missing slots are used too.
+    model = build(name, "survival").train()
+    out = model(make_batch())
+    (out["embedding"].sum() + out["hazards"].sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p.grad).all(), n
+            assert p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("name", USES_PATCHES)
+def test_padded_patches_do_not_change_the_output(name):
+    model = build(name).eval()
+    batch = make_batch(n_real=(9, 5, 0, 3), n_total=9)
+    padded = make_batch(n_real=(9, 5, 0, 3), n_total=9)
+    extra = 7  # append padding slots holding garbage: they must be ignored
+    for key, fill in (("features", 50.0), ("coords", 9999.0)):
+        t = padded[key]
+        padded[key] = torch.cat([t, torch.full((4, extra, t.shape[2]), fill)], dim=1)
+    padded["patch_mask"] = torch.cat([batch["patch_mask"], torch.zeros(4, extra, dtype=torch.bool)], dim=1)
+    padded["features"][1, 5:] = -30.0  # padding inside the bag of a shorter patient too
+    with torch.no_grad():
+        a, b = model(batch), model(padded)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", USES_GENES)
+def test_missing_genes_use_the_learned_slot(name):
+    model = build(name).eval()
+    batch = make_batch()
+    other = make_batch()
+    other["genes"][1] = torch.randn(GENES) * 100  # patient 1 has has_genes False: values must be ignored
+    with torch.no_grad():
+        a, b = model(batch), model(other)
+    assert torch.isfinite(a["embedding"]).all() and torch.isfinite(a["logits"]).all()
+    torch.testing.assert_close(a["embedding"], b["embedding"])
+    all_missing = make_batch(has_genes=(False, False, False, False))
+    with torch.no_grad():
+        assert torch.isfinite(model(all_missing)["logits"]).all()
+
+
+def test_abmil_attention_is_a_distribution_over_real_patches():
+    model = build("abmil").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        w = model.attention(batch)
+    mask = batch["patch_mask"]
+    assert torch.all(w[~mask] == 0)
+    torch.testing.assert_close(w.sum(1), mask.any(1).float())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17])
+def test_transmil_square_padding_any_bag_size(n):
+    model = build("transmil").eval()
+    batch = make_batch(n_real=(n,), n_total=n, has_genes=(True,))
+    with torch.no_grad():
+        out = model(batch)
+    assert out["logits"].shape == (1, 3) and torch.isfinite(out["logits"]).all()
+
+
+def test_interaction_attention_equals_full_masked_attention():
+    torch.manual_seed(0)
+    attn = InteractionAttention(8, heads=2, dim_head=4, dropout=0.0).eval()
+    path, patches = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    p_out, x_out = attn(path, patches, mask)
+    # Naive reference: one attention over all 8 tokens with SurvPath's allowed-pairs matrix.
+    x = torch.cat([path, patches], 1)
+    q, k, v = attn.qkv(x).view(2, 8, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    allowed = torch.zeros(2, 8, 8, dtype=torch.bool)
+    allowed[:, :3, :3] = True  # pathway -> pathway
+    allowed[:, :3, 3:] = mask[:, None, :]  # pathway -> real patches
+    allowed[:, 3:, :3] = True  # patch -> pathway; no patch -> patch
+    scores = (q @ k.transpose(-1, -2)) / 2.0
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    ref = attn.out((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(p_out, ref[:, :3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_out, ref[:, 3:], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_configs_raise_input_error():
+    with pytest.raises(InputError, match="objective"):
+        _REGISTRY["abmil"]({"arch": "abmil", "objective": "text_kl"}, DIMS)
+    with pytest.raises(InputError, match="slide_side"):
+        _REGISTRY["late_fusion"]({"objective": "survival", "slide_side": "vit"}, DIMS)
+    with pytest.raises(InputError, match="n_genes"):
+        _REGISTRY["snn"]({"objective": "survival"}, ModelDims(feature_dim=FEAT, n_genes=0))
+    with pytest.raises(InputError, match="pathway_groups"):
+        _REGISTRY["mcat"]({}, ModelDims(feature_dim=FEAT, n_genes=GENES))
+    with pytest.raises(InputError, match="genes"):
+        build("snn")({"genes": torch.zeros(2, 5), "has_genes": torch.ones(2, dtype=torch.bool)})
+    with pytest.warns(UserWarning, match="hiden"):
+        _REGISTRY["snn"]({"objective": "survival", "hiden": [8]}, DIMS)
+
+
+def test_slide_encoder_lp_is_frozen_and_deterministic():
+    model = _REGISTRY["slide_encoder_lp"]({"backbone": {}}, DIMS)
+    assert model.objective == "none"
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
+    model.train()  # the trainer may call train(); the frozen encoder must stay in eval mode
+    assert not model.backbone.training
+    batch = make_batch()
+    out1, out2 = model(batch), model(batch)
+    assert set(out1) == {"embedding"} and out1["embedding"].shape == (4, TinySlideEncoder.embed_dim)
+    torch.testing.assert_close(out1["embedding"], out2["embedding"])
+    with pytest.raises(InputError, match="objective"):
+        _REGISTRY["slide_encoder_lp"]({"objective": "classification"}, DIMS)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = _REGISTRY["slide_encoder_tuned"]({"objective": "classification", "backbone": {}}, DIMS)
+    ckpt = _REGISTRY["slide_encoder_tuned"](
+        {"objective": "classification", "backbone": {}, "activation_checkpointing": True}, DIMS)
+    ckpt.load_state_dict(_ckpt_state(plain.state_dict(), ckpt))
+    assert isinstance(ckpt.backbone.layers[0], se._Checkpointed)
+    batch = make_batch()
+    for m in (plain, ckpt):
+        m.train()
+        torch.manual_seed(1)
+        m(batch)["logits"].sum().backward()
+    grads_plain = {n: p.grad for n, p in plain.named_parameters()}
+    for n, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads_plain[n.replace(".layer.", ".")], rtol=1e-4, atol=1e-6)
+
+
+def _ckpt_state(plain_state: dict, ckpt: nn.Module) -> dict:
+    """Map a plain model's state dict onto the checkpoint-wrapped model's key names."""
+    out = {}
+    for k in ckpt.state_dict():
+        out[k] = plain_state[k.replace(".layer.", ".")]
+    return out
+
+
+def _planted_data(n: int = 40, seed: int = 0):
+    """Two classes; class 1 has a shifted patch subset and up-regulated genes of pathway 0."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    batch = make_batch(n_real=tuple([10] * n), n_total=10, seed=seed, has_genes=tuple([True] * n))
+    batch["features"][:, :4, :4] += 2.0 * y.view(-1, 1, 1)
+    batch["genes"][:, :10] += 1.5 * y.view(-1, 1)
+    batch["genes"] += 0.1 * torch.randn(batch["genes"].shape, generator=g)
+    batch["label"] = y
+    return batch, y
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_tiny_fit_beats_chance(name):
+    dims = ModelDims(feature_dim=FEAT, n_genes=GENES, pathway_groups=DIMS.pathway_groups, n_classes=2)
+    model = build(name, "classification", dims)
+    batch, y = _planted_data()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(batch)["logits"], y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(batch)["logits"].argmax(1) == y).float().mean().item()
+    assert acc > 0.8, acc
