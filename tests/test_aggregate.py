@@ -14,8 +14,9 @@ from modaltune.aggregate import aggregate
 from modaltune.errors import InputError
 
 
-def _metrics(path, model, arch, seed, fold, bacc, cidx, test=("A", "B", "C"), cohort="BRCA"):
-    m = {"model": model, "arch": arch, "objective": "text_kl", "seed": seed, "fold": fold, "train_cohort": cohort,
+def _metrics(path, model, arch, seed, fold, bacc, cidx, test=("A", "B", "C"), cohort="BRCA", train=None):
+    m = {"model": model, "arch": arch, "objective": "text_kl", "seed": seed, "fold": fold,
+         "train_cohort": train or cohort,
          "eval_cohort": cohort, "n": {"train": 10, "val": 2, "test": len(test)}, "subtype_bacc": bacc,
          "subtype_auroc": None, "survival_cindex": cidx, "tokens": {}, "per_site": {}, "head": None,
          "cox": {"converged": cidx is not None, "penalizer": 0.1, "error": None}, "test_patients": list(test)}
@@ -85,3 +86,11 @@ def test_aggregate_does_not_import_torch():
 
     code = "import sys, modaltune.aggregate; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ood_rows_kept_apart_by_training_cohort(tmp_path):
+    files = [_metrics(tmp_path / f"{t}{s}.json", "modaltune", "modaltune", s, 0, 0.6 + 0.1 * (t == "PAN"), 0.6,
+                      cohort="BLCA", train=t) for t in ("BRCA", "PAN") for s in range(2)]
+    summary = aggregate(files, tmp_path / "out").set_index("model")
+    assert set(summary.index) == {"modaltune (BRCA)", "modaltune (PAN)"}
+    assert summary.loc["modaltune (PAN)", "subtype_bacc_mean"] == pytest.approx(0.7)

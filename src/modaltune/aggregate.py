@@ -38,7 +38,11 @@ def load_metrics(metrics_files: list[str]) -> pd.DataFrame:
                      "seed": int(m["seed"]), "fold": int(m["fold"]),
                      **{k: (np.nan if m.get(k) is None else float(m[k])) for k in METRICS},
                      "test_patients": tuple(sorted(m["test_patients"]))})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # OOD rows: one model name may be trained on several cohorts (site vs pan-cancer) -> keep them apart.
+    ood = df["train_cohort"].notna() & (df["train_cohort"] != df["eval_cohort"])
+    df["model_id"] = np.where(ood, df["model"] + " (" + df["train_cohort"].astype(str) + ")", df["model"])
+    return df
 
 
 def check_paired(df: pd.DataFrame) -> None:
@@ -55,7 +59,7 @@ def check_paired(df: pd.DataFrame) -> None:
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     out = []
-    for (model, cohort), g in df.groupby(["model", "eval_cohort"], sort=True):
+    for (model, cohort), g in df.groupby(["model_id", "eval_cohort"], sort=True):
         row = {"model": model, "arch": g["arch"].iloc[0], "train_cohort": g["train_cohort"].iloc[0],
                "eval_cohort": cohort, "n_runs": len(g)}
         for k in METRICS:
@@ -72,14 +76,14 @@ def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
     from scipy.stats import wilcoxon
 
     rows = []
-    refs = sorted(df.loc[df["arch"] == REFERENCE_ARCH, "model"].unique())
+    refs = sorted(df.loc[df["arch"] == REFERENCE_ARCH, "model_id"].unique())
     for cohort, g in df.groupby("eval_cohort"):
         for ref in refs:
-            a = g[g["model"] == ref].set_index(["seed", "fold"])
+            a = g[g["model_id"] == ref].set_index(["seed", "fold"])
             if a.empty:
                 continue
-            for other in sorted(set(g["model"]) - {ref}):
-                b = g[g["model"] == other].set_index(["seed", "fold"])
+            for other in sorted(set(g["model_id"]) - {ref}):
+                b = g[g["model_id"] == other].set_index(["seed", "fold"])
                 for k in ("subtype_bacc", "survival_cindex"):
                     j = a[[k]].join(b[[k]], lsuffix="_ref", rsuffix="_other", how="inner").dropna()
                     d = (j[f"{k}_ref"] - j[f"{k}_other"]).to_numpy()
@@ -217,7 +221,7 @@ def aggregate(metrics_files: list[str], out_dir, *, feature_files: list[str] | N
         fails, speed = slide_tables(feature_files)
         _write_tsv(fails, out_dir / "failures.tsv")
         _write_tsv(speed, out_dir / "throughput.tsv")
-    log.info("aggregated %d runs of %d models", len(df), df["model"].nunique())
+    log.info("aggregated %d runs of %d models", len(df), df["model_id"].nunique())
     return summary
 
 

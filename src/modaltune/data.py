@@ -78,6 +78,11 @@ def read_splits(splits, fold: int) -> pd.DataFrame:
 
 
 def read_sheet(sheet) -> pd.DataFrame:
+    """Cohort sheet(s): one TSV/DataFrame or a list of them (pan-cancer = several site sheets)."""
+    if isinstance(sheet, (list, tuple)):
+        if not sheet:
+            raise InputError("cohort sheet: an empty list was given; pass the cohort's sheet TSV")
+        return pd.concat([read_sheet(s) for s in sheet], ignore_index=True).drop_duplicates(["slide_id", "patient_id"])
     return read_table(sheet, "cohort sheet", ["slide_id", "patient_id"]).astype({"slide_id": str})
 
 

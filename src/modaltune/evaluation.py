@@ -34,7 +34,7 @@ def token_names(k: int | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ probes
-def fit_lr_probe(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0):
+def fit_lr_probe(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0, max_iter: int = 1000):
     """StandardScaler + LogisticRegression (max_iter 1000, no class weights as the paper, multinomial)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -43,7 +43,7 @@ def fit_lr_probe(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0):
     keep = y_train >= 0
     if len(np.unique(y_train[keep])) < 2:
         return None
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
     pipe.fit(x_train[keep], y_train[keep])
     return pipe
 
@@ -155,10 +155,10 @@ def cox_cindex(probe: dict, x: np.ndarray, times: np.ndarray, events: np.ndarray
 
 def probe_embeddings(emb: np.ndarray, part: np.ndarray, labels: np.ndarray, times: np.ndarray,
                      events: np.ndarray, *, penalizer: float = 0.1, pca=None, seed: int = 0,
-                     survival: bool = True) -> dict:
+                     survival: bool = True, lr_max_iter: int = 1000) -> dict:
     """Fit both probes on the rows with ``part == "train"``, score them on val and test."""
     tr = part == "train"
-    pipe = fit_lr_probe(emb[tr], labels[tr], seed=seed)
+    pipe = fit_lr_probe(emb[tr], labels[tr], seed=seed, max_iter=lr_max_iter)
     out: dict = {}
     for p in ("val", "test"):
         s = score_classifier(pipe, emb[part == p], labels[part == p])
@@ -313,12 +313,14 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
              else np.array([""] * len(ids)))
     x = emb["embedding"]
     names = token_names(x.shape[1] if x.ndim == 3 else None)
-    pen, pca = float(probe_cfg.get("penalizer", 0.1)), probe_cfg.get("cox_pca")
+    pen = float(probe_cfg.get("cox_penalizer", probe_cfg.get("penalizer", 0.1)))
+    pca, max_iter = probe_cfg.get("cox_pca"), int(probe_cfg.get("lr_max_iter", 1000))
 
     def token(i):
         return x[:, i] if x.ndim == 3 else x
 
-    tokens = {n: probe_embeddings(token(i), part, labels, times, events, penalizer=pen, pca=pca, seed=seed)
+    tokens = {n: probe_embeddings(token(i), part, labels, times, events, penalizer=pen, pca=pca, seed=seed,
+                                 lr_max_iter=max_iter)
               for i, n in enumerate(names)}
     sub_tok = HEADLINE["subtype"] if HEADLINE["subtype"] in tokens else names[0]
     surv_tok = HEADLINE["survival"] if HEADLINE["survival"] in tokens else names[0]
@@ -331,7 +333,7 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
             per_site[s] = {
                 "n": {p: int(((part == p) & m).sum()) for p in ("train", "val", "test")},
                 "tokens": {n: probe_embeddings(token(i)[m], part[m], labels[m], times[m], events[m],
-                                               penalizer=pen, pca=pca, seed=seed)
+                                               penalizer=pen, pca=pca, seed=seed, lr_max_iter=max_iter)
                            for i, n in enumerate(names)},
             }
             per_site[s]["subtype_bacc"] = per_site[s]["tokens"][sub_tok]["test_bacc"]
