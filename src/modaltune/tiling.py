@@ -3,8 +3,9 @@
 Method (as in ModalTune's preprocessing, made explicit):
 
 1. Tissue mask on a low-resolution image: the smallest pyramid level whose longer side exceeds
-   1000 px (paper); when that level's longer side exceeds ``MAX_MASK_SIDE`` (2048, our bound for
-   sparse or missing pyramids) OpenSlide's ``get_thumbnail`` at that size replaces it. Transparent
+   1000 px (paper). When that level's longer side exceeds ``MAX_MASK_SIDE`` (2048: a sparse or missing
+   pyramid) it is box-reduced by the integer factor that keeps the longer side just above 1000 px, as if
+   the pyramid had that level (colour conversion and morphology cost grows with pixels). Transparent
    (unscanned) pixels count as white background.
    - ``"lab"`` (default, the paper's): tissue where CIELAB a* (``skimage.color.rgb2lab``) exceeds
      ``lab_factor`` (1.1) x the mean a* of the image. We add an absolute floor a* > ``LAB_MIN_A`` so an
@@ -12,8 +13,10 @@ Method (as in ModalTune's preprocessing, made explicit):
    - ``"otsu"``: Otsu threshold (``skimage.filters.threshold_otsu``) on HSV saturation, with a floor
      ``OTSU_MIN_SATURATION`` for the same reason.
    Then morphological closing with a ``close_kernel`` x ``close_kernel`` square (edge-padded so the
-   slide border does not erode tissue), hole filling, and removal of connected components smaller
-   than a quarter of one patch's footprint (they cannot carry a patch).
+   slide border does not erode tissue), filling of holes smaller than one patch footprint (larger
+   lumina and background enclosed by tissue stay background, like the paper's ``remove_all_holes=False``;
+   ``max_hole_px=None`` fills all holes), and removal of connected components smaller than a quarter of
+   one patch footprint (they cannot carry a patch).
 2. Non-overlapping grid at ``target_mpp``: one patch covers ``level0_size = round(patch_size *
    target_mpp / level0_mpp)`` level-0 px; the grid starts at (0, 0) and keeps only patches fully inside
    the slide. A patch is kept when its tissue fraction >= ``min_tissue`` (paper: 0.95). The fraction is
@@ -54,18 +57,27 @@ QC_MAX_SIDE = 1024
 
 # ---------------------------------------------------------------- tissue mask
 
-def mask_source(slide: SlideHandle, min_side: int = MASK_MIN_SIDE, max_side: int = MAX_MASK_SIDE) -> np.ndarray:
-    """RGB uint8 low-resolution image of the whole slide for tissue detection (see module docstring)."""
+def mask_source(slide: SlideHandle, min_side: int = MASK_MIN_SIDE,
+                max_side: int = MAX_MASK_SIDE) -> tuple[np.ndarray, tuple[float, float]]:
+    """Low-resolution RGB uint8 image of the whole slide for tissue detection, and its scale
+    (mask px per level-0 px, x and y). See the module docstring for the choice of level."""
     dims = slide.level_dimensions
     candidates = [lv for lv in range(slide.level_count) if max(dims[lv]) > min_side]
     level = max(candidates) if candidates else 0
-    if max(dims[level]) > max_side:
-        # Sparse pyramid (or none): let OpenSlide pick a level and downscale to a bounded size; the
-        # colour conversion and morphology cost grows with the mask's pixel count.
-        img = slide.get_thumbnail((max_side, max_side)).convert("RGBA")
-    else:
-        img = slide.read_region((0, 0), level, dims[level])
-    return rgba_to_rgb(np.asarray(img))
+    w, h = dims[level]
+    factor = max(1, max(w, h) // min_side) if max(w, h) > max_side else 1
+    ds = slide.level_downsamples[level]
+    # Read in row strips (a multiple of the reduction factor) so memory stays bounded even when a
+    # slide has no usable pyramid level; Image.reduce is an exact box average over factor^2 blocks.
+    strip = factor * max(1, 2048 // factor)
+    parts = []
+    for y in range(0, h, strip):
+        rows = min(strip, h - y)
+        img = slide.read_region((0, int(round(y * ds))), level, (w, rows))
+        parts.append(np.asarray(img.reduce(factor) if factor > 1 else img))
+    rgb = rgba_to_rgb(np.concatenate(parts, axis=0))
+    w0, h0 = slide.dimensions
+    return rgb, (w / w0 / factor, h / h0 / factor)
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -79,7 +91,7 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
 
 
 def detect_tissue(rgb: np.ndarray, method: str = "lab", lab_factor: float = 1.1, close_kernel: int = 9,
-                  min_object_px: int = 0) -> np.ndarray:
+                  min_object_px: int = 0, max_hole_px: int | None = None) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 image (method in the module docstring)."""
     from scipy import ndimage
     from skimage import color, filters, morphology, util
@@ -95,10 +107,16 @@ def detect_tissue(rgb: np.ndarray, method: str = "lab", lab_factor: float = 1.1,
     else:
         raise InputError(f"tissue_method {method!r} is unknown; use one of {TISSUE_METHODS}")
     if close_kernel > 1:
-        k = int(close_kernel)
-        padded = np.pad(mask, k, mode="edge")
-        mask = ndimage.binary_closing(padded, structure=np.ones((k, k), bool))[k:-k, k:-k]
-    mask = ndimage.binary_fill_holes(mask)
+        # Closing with a k x k square = max filter then min filter (separable, O(1) per pixel, unlike
+        # binary_closing's k^2); mode "nearest" pads with the edge so the border does not erode tissue.
+        m = mask.astype(np.uint8)
+        m = ndimage.minimum_filter(ndimage.maximum_filter(m, size=close_kernel, mode="nearest"),
+                                   size=close_kernel, mode="nearest")
+        mask = m.astype(bool)
+    if max_hole_px is None:
+        mask = ndimage.binary_fill_holes(mask)
+    elif max_hole_px > 0:
+        mask = morphology.remove_small_holes(mask, max_size=int(max_hole_px))
     if min_object_px > 1:
         mask = morphology.remove_small_objects(mask, max_size=int(min_object_px) - 1)
     return mask
@@ -181,13 +199,12 @@ def tile_slide(slide_path: str, out_h5: str, *, slide_id: str | None = None, pat
             read_level, read_size = choose_read_level(slide.level_downsamples, level0_size, patch_size)
             attrs.update(level0_mpp=m0, mpp_source=slide.mpp_source, level0_size=level0_size,
                          read_level=read_level, read_size=read_size)
-            thumb = mask_source(slide)
+            thumb, (scale_x, scale_y) = mask_source(slide)
             qc["thumb"] = thumb
-            w0, h0 = slide.dimensions
-            scale_x, scale_y = thumb.shape[1] / w0, thumb.shape[0] / h0
             footprint = level0_size * scale_x
             mask = detect_tissue(thumb, tissue_method, lab_factor, close_kernel,
-                                 min_object_px=int(0.25 * footprint * footprint * scale_y / scale_x))
+                                 min_object_px=int(0.25 * footprint * footprint * scale_y / scale_x),
+                                 max_hole_px=int(footprint * footprint * scale_y / scale_x))
             qc["mask"] = mask
             grid = grid_coords(slide.dimensions, level0_size, slide.level_dimensions[read_level],
                                slide.level_downsamples[read_level], read_size)
@@ -257,8 +274,10 @@ def write_qc_png(path: str, thumb: np.ndarray | None, mask: np.ndarray | None, c
         step = max(1, int(math.ceil(max(thumb.shape[:2]) / QC_MAX_SIDE)))
         ax.imshow(thumb[::step, ::step], extent=(0, thumb.shape[1], thumb.shape[0], 0), interpolation="nearest")
         if mask is not None and mask.any() and not mask.all():
-            ax.contour(mask[::step, ::step].astype(np.uint8), levels=[0.5], colors="lime", linewidths=0.8,
-                       extent=(0, thumb.shape[1], 0, thumb.shape[0]), origin="upper")
+            small = mask[::step, ::step].astype(np.uint8)
+            xs = np.arange(small.shape[1]) * step + step / 2
+            ys = np.arange(small.shape[0]) * step + step / 2
+            ax.contour(xs, ys, small, levels=[0.5], colors="lime", linewidths=0.8)
         if len(coords) and scale is not None:
             sx, sy = scale
             s0 = attrs["level0_size"]
