@@ -130,3 +130,12 @@ def test_bad_inputs(cohort, tmp_path):
     cases = pd.read_parquet(cohort["cases_path"]).drop(columns="event")
     with pytest.raises(InputError, match="event"):
         _ds({**cohort, "cases_path": cases})
+
+
+def test_sheet_list_and_dataframe_equivalent(cohort):
+    import pandas as pd
+
+    a = _ds(cohort, parts=("val",))
+    b = _ds({**cohort, "sheet": [cohort["sheet"]]}, parts=("val",))
+    c = _ds({**cohort, "sheet": pd.read_csv(cohort["sheet"], sep="\t")}, parts=("val",))
+    assert a.slides == b.slides == c.slides
