@@ -22,6 +22,8 @@ DIMS = ModelDims(
     n_classes=3, n_bins=4,
 )
 
+TINY_LONGNET = {"type": "longnet", "embed_dim": 16, "depth": 2, "num_heads": 2, "segment_lengths": [4, 8],
+                "dilated_ratios": [1, 2], "dropout": 0.1, "drop_path_rate": 0.1}
 # Demo-size configs (the same blocks as docs/BASELINES.md, scaled to the test's 16-d features).
 CONFIGS: dict[str, dict] = {
     "abmil": {"hidden": 32, "attn_dim": 16, "dropout": 0.1},
@@ -36,9 +38,9 @@ CONFIGS: dict[str, dict] = {
     "late_fusion_transmil": {"slide_side": "transmil", "slide": {"hidden": 32, "num_heads": 4},
                              "gene_side": "gene_mixer", "genes": {"latent_dim": 16, "depth": 1, "out_dim": 16},
                              "fusion_hidden": 32},
-    "late_fusion_slide_encoder": {"slide_side": "slide_encoder", "slide": {"backbone": {}},
+    "late_fusion_slide_encoder": {"slide_side": "slide_encoder", "slide": {"backbone": TINY_LONGNET},
                                   "gene_side": "mlp", "genes": {"hidden": [32]}},
-    "slide_encoder_tuned": {"backbone": {}, "activation_checkpointing": True},
+    "slide_encoder_tuned": {"backbone": TINY_LONGNET, "activation_checkpointing": True},
 }
 SUPERVISED = list(CONFIGS)
 USES_PATCHES = ["abmil", "transmil", "mcat", "survpath", "late_fusion", "late_fusion_transmil",
@@ -48,7 +50,7 @@ USES_GENES = ["mlp", "snn", "gene_mixer", "mcat", "survpath", "late_fusion", "la
 
 
 class TinySlideEncoder(nn.Module):
-    """Stand-in slide encoder with the backbone interface: CLS + 2 transformer layers over patches."""
+    """A non-LongNet backbone with the generic interface: CLS + 2 transformer layers over patches."""
 
     embed_dim = 16
 
@@ -62,7 +64,7 @@ class TinySlideEncoder(nn.Module):
              for _ in range(2)]
         )
 
-    def encode(self, features, coords, patch_mask):
+    def forward(self, features, coords, patch_mask):
         x = self.proj(features) + self.pos(coords / 1000.0)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         keep = torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1)
@@ -78,11 +80,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _tiny_backbone(monkeypatch):
-    monkeypatch.setattr(se, "build_slide_backbone", lambda bcfg, dims: TinySlideEncoder(dims.feature_dim))
 
 
 def _arch(name: str) -> str:
@@ -235,42 +232,75 @@ def test_bad_configs_raise_input_error():
 
 
 def test_slide_encoder_lp_is_frozen_and_deterministic():
-    model = _REGISTRY["slide_encoder_lp"]({"backbone": {}}, DIMS)
+    model = _REGISTRY["slide_encoder_lp"]({"backbone": TINY_LONGNET}, DIMS)
     assert model.objective == "none"
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
     model.train()  # the trainer may call train(); the frozen encoder must stay in eval mode
     assert not model.backbone.training
     batch = make_batch()
     out1, out2 = model(batch), model(batch)
-    assert set(out1) == {"embedding"} and out1["embedding"].shape == (4, TinySlideEncoder.embed_dim)
+    assert set(out1) == {"embedding"} and out1["embedding"].shape == (4, 16)
     torch.testing.assert_close(out1["embedding"], out2["embedding"])
+    # The LP vector is the backbone's own output (LongNet: CLS after the final norms) for each patient.
+    with torch.no_grad():
+        ref = model.backbone(batch["features"][:1], batch["coords"][:1], batch["patch_mask"][:1])
+    torch.testing.assert_close(out1["embedding"][:1], ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="objective"):
         _REGISTRY["slide_encoder_lp"]({"objective": "classification"}, DIMS)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_slide_encoder_uses_a_given_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    source = se.build_slide_backbone(TINY_LONGNET, DIMS)
+    path = tmp_path / "slide_encoder.pth"
+    torch.save({"model": source.state_dict()}, path)
+    model = _REGISTRY["slide_encoder_lp"]({"backbone": {**TINY_LONGNET, "checkpoint": str(path)}}, DIMS)
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("name", ["slide_encoder_lp", "abmil", "transmil", "survpath"])
+def test_padding_between_real_patches_is_ignored(name):
+    cfg = {"backbone": TINY_LONGNET} if name == "slide_encoder_lp" else {"objective": "classification",
+                                                                          **CONFIGS[name]}
     torch.manual_seed(0)
-    plain = _REGISTRY["slide_encoder_tuned"]({"objective": "classification", "backbone": {}}, DIMS)
-    ckpt = _REGISTRY["slide_encoder_tuned"](
-        {"objective": "classification", "backbone": {}, "activation_checkpointing": True}, DIMS)
-    ckpt.load_state_dict(_ckpt_state(plain.state_dict(), ckpt))
-    assert isinstance(ckpt.backbone.layers[0], se._Checkpointed)
+    model = _REGISTRY[name](cfg, DIMS).eval()
+    prefix = make_batch(n_real=(5, 3), n_total=5, has_genes=(True, True))
+    slots = torch.tensor([[0, 2, 4, 6, 8], [1, 4, 7, 7, 7]])  # where each real patch goes (row 1: 3 real)
+    spread = make_batch(n_real=(0, 0), n_total=9, has_genes=(True, True))
+    spread["genes"] = prefix["genes"]
+    spread["features"] = torch.full((2, 9, FEAT), 77.0)  # garbage in the padding slots
+    for b in range(2):
+        n = int(prefix["patch_mask"][b].sum())
+        for key in ("features", "coords"):
+            spread[key][b, slots[b, :n]] = prefix[key][b, :n]
+        spread["patch_mask"][b, slots[b, :n]] = True
+    with torch.no_grad():
+        a, c = model(prefix)["embedding"], model(spread)["embedding"]
+    torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["longnet", "generic"])
+def test_activation_checkpointing_gives_the_same_gradients(backbone):
+    def make(ckpt: bool):
+        torch.manual_seed(0)
+        bb = se.build_slide_backbone(TINY_LONGNET, DIMS) if backbone == "longnet" else TinySlideEncoder()
+        return se.SlideEncoderBranch(bb, "classification", DIMS, freeze=False, activation_checkpointing=ckpt)
+
+    plain, ckpt = make(False), make(True)
+    assert list(plain.state_dict()) == list(ckpt.state_dict())  # checkpointing keeps the published keys
     batch = make_batch()
+    outs = []
     for m in (plain, ckpt):
         m.train()
         torch.manual_seed(1)
-        m(batch)["logits"].sum().backward()
-    grads_plain = {n: p.grad for n, p in plain.named_parameters()}
+        out = m(batch)["logits"]
+        out.sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1])
+    grads_plain = dict(plain.named_parameters())
     for n, p in ckpt.named_parameters():
-        torch.testing.assert_close(p.grad, grads_plain[n.replace(".layer.", ".")], rtol=1e-4, atol=1e-6)
-
-
-def _ckpt_state(plain_state: dict, ckpt: nn.Module) -> dict:
-    """Map a plain model's state dict onto the checkpoint-wrapped model's key names."""
-    out = {}
-    for k in ckpt.state_dict():
-        out[k] = plain_state[k.replace(".layer.", ".")]
-    return out
+        torch.testing.assert_close(p.grad, grads_plain[n].grad, rtol=1e-4, atol=1e-6)
 
 
 def _planted_data(n: int = 40, seed: int = 0):

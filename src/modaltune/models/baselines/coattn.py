@@ -95,7 +95,8 @@ class InteractionAttention(nn.Module):
         qp, kp, vp = self._split(path)
         qx, kx, vx = self._split(patches)
         p = self.dropout if self.training else 0.0
-        allowed = torch.cat([torch.ones_like(mask[:, : path.shape[1]]), mask], dim=1)[:, None, None, :]
+        path_keys = torch.ones(mask.shape[0], path.shape[1], dtype=torch.bool, device=mask.device)
+        allowed = torch.cat([path_keys, mask], dim=1)[:, None, None, :]
         path_out = F.scaled_dot_product_attention(
             qp, torch.cat([kp, kx], dim=2), torch.cat([vp, vx], dim=2), attn_mask=allowed, dropout_p=p
         )

@@ -1,11 +1,15 @@
 """Slide-encoder baselines: "Prov-GigaPath LP" (frozen, linear probes only) and "Prov-GigaPath (Tuned)".
 
-The backbone is any module exposing ``encode(features, coords, patch_mask) -> (B, E)`` and ``embed_dim``;
-the config block ``backbone`` uses the same keys as the ModalTune model's backbone (``type: longnet``,
-``embed_dim``, ``depth``, ``num_heads``, ``segment_lengths``, ``dilated_ratios``, ``checkpoint`` ...).
+The backbone is the ModalTune model's frozen encoder (``LongNetViT``, or TITAN), built from a ``backbone``
+block with the same keys (``type``, ``embed_dim``, ``depth``, ``num_heads``, ``segment_lengths``,
+``dilated_ratios``, ``checkpoint`` ...). Any module with ``forward(features, coords, patch_mask) -> (B, E)``
+and ``embed_dim`` works. The slide vector is the backbone's own output: for LongNet the CLS token after
+the final norms (as Prov-GigaPath's linear-probe recipe), for TITAN the attention-pooled vector.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -24,50 +28,63 @@ from modaltune.models.registry import ModelDims, register_model
 
 
 def build_slide_backbone(bcfg: dict, dims: ModelDims) -> nn.Module:
-    """Build the slide encoder named by ``bcfg["type"]`` (weights from ``bcfg["checkpoint"]`` if set)."""
-    kind = bcfg.get("type", "longnet")
-    if kind != "longnet":
-        raise InputError(f"slide encoder baseline: backbone.type={kind!r} is not supported; use 'longnet'")
-    try:
-        from modaltune.models import longnet
-    except ImportError as err:  # the LongNet module is written separately; say so instead of a traceback
-        raise InputError(f"slide encoder baseline: modaltune.models.longnet cannot be imported ({err})") from err
-    return longnet.build_slide_encoder(bcfg, dims)
+    """The frozen-encoder module of the ModalTune model (``backbone.type`` longnet or titan), built from the
+    same config keys, with the paper's values for any key left out; weights from ``backbone.checkpoint``."""
+    from modaltune.models import modaltune as mt  # lazy: the ModalTune module imports this package's peers
+
+    if bcfg.get("type", "longnet") == "titan":
+        from modaltune.models.titan import titan_config
+
+        base = titan_config()
+    else:
+        base = mt.paper_config()
+    merged = mt.merge_config({"backbone": bcfg}, base)["backbone"]
+    return mt.build_backbone(merged, dims.feature_dim)
 
 
-class _Checkpointed(nn.Module):
-    """Runs the wrapped layer under activation checkpointing while gradients are needed."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.enabled = True
-
-    def forward(self, *args, **kwargs):
-        if self.enabled and torch.is_grad_enabled() and self.training:
-            return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
-        return self.layer(*args, **kwargs)
+# Where the known backbones keep their layer stacks (LongNet, TITAN); other modules: the longest stack.
+_LAYER_PATHS = ("encoder.layers", "blocks.modules_list", "layers", "blocks")
 
 
 def _layer_list(backbone: nn.Module) -> nn.ModuleList:
-    """The backbone's stack of repeated layers: its longest ModuleList of same-type modules."""
-    best: nn.ModuleList | None = None
-    for mod in backbone.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:
-            if best is None or len(mod) > len(best):
-                best = mod
-    if best is None:
+    for path in _LAYER_PATHS:
+        mod: object = backbone
+        for attr in path.split("."):
+            mod = getattr(mod, attr, None)
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return mod
+    stacks = [m for m in backbone.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not stacks:
         raise InputError("slide encoder baseline: activation_checkpointing needs a backbone with a layer stack")
-    return best
+    return max(stacks, key=len)
+
+
+def _checkpointed_call(layer: nn.Module, *args, **kwargs):
+    if layer._ckpt_enabled and layer.training and torch.is_grad_enabled():
+        # Non-reentrant checkpointing restores the RNG state, so dropout / drop-path masks are replayed.
+        return checkpoint(layer._plain_forward, *args, use_reentrant=False, **kwargs)
+    return layer._plain_forward(*args, **kwargs)
 
 
 def set_activation_checkpointing(backbone: nn.Module, enabled: bool) -> None:
-    """Wrap (once) each layer of the backbone's main stack in checkpointing and switch it on or off."""
-    layers = _layer_list(backbone)
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, _Checkpointed):
-            layers[i] = layer = _Checkpointed(layer)
-        layer.enabled = enabled
+    """Recompute each layer of the backbone's stack in the backward pass instead of storing activations.
+
+    The layers' ``forward`` is redirected in place (no wrapper module), so state-dict keys stay those of
+    the published checkpoint.
+    """
+    for layer in _layer_list(backbone):
+        if "_plain_forward" not in layer.__dict__:
+            layer._plain_forward = layer.forward
+            layer.forward = functools.partial(_checkpointed_call, layer)
+        layer._ckpt_enabled = enabled
+
+
+def _real_patches_first(feats: Tensor, coords: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # LongNet reads a patient's tokens as a prefix of length mask.sum(); a stable sort keeps patch order.
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    feats = torch.gather(feats, 1, order.unsqueeze(-1).expand_as(feats))
+    coords = torch.gather(coords, 1, order.unsqueeze(-1).expand_as(coords))
+    return feats, coords, torch.gather(mask, 1, order)
 
 
 class SlideEncoderBranch(BaselineModel):
@@ -90,8 +107,6 @@ class SlideEncoderBranch(BaselineModel):
         elif activation_checkpointing:
             set_activation_checkpointing(backbone, True)
         self.no_patches = MissingSlot(self.embed_dim)
-        if freeze:
-            self.no_patches.requires_grad_(False)  # a frozen encoder trains nothing, not even this slot
         self.add_head(dims)
 
     def train(self, mode: bool = True):
@@ -100,14 +115,26 @@ class SlideEncoderBranch(BaselineModel):
             self.backbone.eval()
         return self
 
+    def encode(self, feats: Tensor, coords: Tensor, mask: Tensor) -> Tensor:
+        """Slide vector (B, E) of the patients with at least one patch; zeros for the others."""
+        present = mask.any(dim=1)
+        out = feats.new_zeros(feats.shape[0], self.embed_dim)
+        if not bool(present.any()):
+            return out
+        idx = present.nonzero().flatten()
+        f, c, m = _real_patches_first(feats[idx], coords[idx].to(feats.dtype), mask[idx])
+        n = int(m.sum(dim=1).max())  # drop columns that are padding for every patient
+        emb = self.backbone(f[:, :n], c[:, :n], m[:, :n])
+        return out.index_put((idx,), emb.to(out.dtype))
+
     def embed(self, batch: dict) -> Tensor:
         feats, mask = patch_inputs(batch)
         coords = batch_tensor(batch, "coords")
         if self.freeze:
             with torch.no_grad():
-                emb = self.backbone.encode(feats, coords, mask)
+                emb = self.encode(feats, coords, mask)
         else:
-            emb = self.backbone.encode(feats, coords, mask)
+            emb = self.encode(feats, coords, mask)
         return self.no_patches(emb, mask.any(dim=1))
 
 
@@ -126,8 +153,10 @@ def slide_branch_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> SlideEn
 def build_slide_encoder_lp(cfg: dict, dims: ModelDims) -> SlideEncoderBranch:
     check_keys(cfg, {"backbone"})
     objective = objective_of(cfg, allowed=("none",), default="none")
-    return SlideEncoderBranch(build_slide_backbone(dict(cfg.get("backbone") or {}), dims), objective, dims,
-                              freeze=True)
+    model = SlideEncoderBranch(build_slide_backbone(dict(cfg.get("backbone") or {}), dims), objective, dims,
+                               freeze=True)
+    model.no_patches.requires_grad_(False)  # linear probes only: nothing in this model is trained
+    return model
 
 
 @register_model("slide_encoder_tuned")
