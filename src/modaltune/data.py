@@ -288,7 +288,8 @@ class PatientDataset(Dataset):
         if present:
             sub = genes_df.loc[present, self.gene_names]
             vals = np.asarray(gene_scaler.transform(sub) if gene_scaler is not None else sub, np.float32)
-            g[[ids.index(p) for p in present]] = np.nan_to_num(vals)
+            row = {p: i for i, p in enumerate(ids)}
+            g[[row[p] for p in present]] = np.nan_to_num(vals)
         self.genes = g
 
         if covariate_state is not None:

@@ -399,7 +399,7 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
             gen = torch.Generator().manual_seed(int(seed) * 100_003 + epoch)
             model.train()
             opt.zero_grad(set_to_none=True)
-            tot, n_seen = 0.0, 0
+            tot, n_seen, pending = 0.0, 0, False
             loader = _loader(ds_train, cfg, shuffle=True, generator=gen)
             bar = tqdm(loader, desc=f"{model_name} s{seed} f{fold} e{epoch}", leave=False, disable=None)
             for step, batch in enumerate(bar):
@@ -411,7 +411,10 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
                     scaler.scale(loss / accum).backward()
                     tot += float(loss.detach()) * len(batch["patient_id"])
                     n_seen += len(batch["patient_id"])
-                if (step + 1) % accum == 0 or step + 1 == len(loader):
+                    pending = True
+                # A window without any loss (e.g. only unlabeled patients) must not step: GradScaler refuses it.
+                if pending and ((step + 1) % accum == 0 or step + 1 == len(loader)):
+                    pending = False
                     scaler.step(opt)
                     scaler.update()
                     opt.zero_grad(set_to_none=True)
@@ -424,7 +427,8 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
             score = _selection_score(row, cfg["selection"])
             if np.isfinite(score) and score >= best["score"]:  # ties -> later epoch, as the paper
                 best = {"epoch": epoch, "score": float(score), "state": trainable_state(model)}
-            elif best["epoch"] is None and not np.isfinite(score):
+            elif not np.isfinite(score) and not np.isfinite(best["score"]):
+                # No finite criterion yet (e.g. a one-class val set): keep the latest epoch.
                 best = {"epoch": epoch, "score": -math.inf, "state": trainable_state(model)}
             log.info("%s seed %d fold %d epoch %d/%d: lr %.2e train_loss %.4f val_loss %.4f val_bacc %.3f "
                      "val_cindex %.3f (%.1fs)", model_name, seed, fold, epoch + 1, epochs, lr, row["train_loss"],
