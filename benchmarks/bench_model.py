@@ -77,7 +77,7 @@ def worker(n: int, ckpt: bool, device: str, amp: bool) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated() / 2**20
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.autocast(device_type=device, dtype=torch.float16, enabled=amp):
         out = model(batch)["embedding"]
     out.float().square().sum().backward()
@@ -86,7 +86,8 @@ def worker(n: int, ckpt: bool, device: str, amp: bool) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     step_s = time.perf_counter() - t0
-    res = {"n": n, "ckpt": ckpt, "device": device, "amp": amp, "step_s": round(step_s, 2),
+    cpu_s = time.process_time() - c0  # CPU seconds of this process: less sensitive to a shared machine
+    res = {"n": n, "ckpt": ckpt, "device": device, "amp": amp, "step_s": round(step_s, 2), "cpu_s": round(cpu_s, 2),
            "rss_base_mib": round(base, 1),
            "rss_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     res["step_extra_mib"] = round(res["rss_peak_mib"] - base, 1)
@@ -167,15 +168,16 @@ def write_report(path: Path, counts: dict, rows: list[dict], args) -> None:
         "",
         "## One training step (3 task passes, backward, AdamW), batch = 1 patient of N patches",
         "",
-        "| N patches | activation checkpointing | step (s) | peak RSS (MiB) | added by the step (MiB) |"
+        "| N patches | activation checkpointing | step wall (s) | step CPU (s) | peak RSS (MiB) | added by the step (MiB) |"
         + (" GPU peak (MiB) |" if args.device == "cuda" else ""),
-        "|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""),
+        "|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""),
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['ckpt']} | failed: {r['error']} | | |")
+            lines.append(f"| {r['n']} | {r['ckpt']} | failed: {r['error']} | | | |")
             continue
-        line = f"| {r['n']} | {r['ckpt']} | {r['step_s']} | {r['rss_peak_mib']} | {r['step_extra_mib']} |"
+        line = (f"| {r['n']} | {r['ckpt']} | {r['step_s']} | {r.get('cpu_s', '')} | {r['rss_peak_mib']} "
+                f"| {r['step_extra_mib']} |")
         if args.device == "cuda":
             line += f" {r['gpu_peak_mib']} |"
         lines.append(line)
