@@ -331,3 +331,31 @@ def test_tiny_fit_beats_chance(name):
     with torch.no_grad():
         acc = (model(batch)["logits"].argmax(1) == y).float().mean().item()
     assert acc > 0.8, acc
+
+
+def test_demo_configs_in_docs_build_and_run():
+    """Every yaml block of docs/BASELINES.md builds (no unknown-key warning) and runs on demo-size inputs."""
+    import re
+    import warnings
+    from pathlib import Path
+
+    yaml = pytest.importorskip("yaml")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "BASELINES.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 11
+    dims = ModelDims(feature_dim=64, n_genes=600, n_classes=2, n_bins=4,
+                     pathway_groups=[list(range(i * 25, i * 25 + 25)) for i in range(24)])
+    batch = {"features": torch.randn(2, 20, 64), "coords": torch.randint(0, 20000, (2, 20, 2)).float(),
+             "patch_mask": torch.ones(2, 20, dtype=torch.bool), "genes": torch.randn(2, 600),
+             "has_genes": torch.tensor([True, False])}
+    seen = set()
+    for block in blocks:
+        for name, cfg in yaml.safe_load(block).items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model = _REGISTRY[cfg["arch"]](cfg, dims).eval()
+            with torch.no_grad():
+                out = model(batch)
+            assert out["embedding"].shape == (2, model.embed_dim), name
+            seen.add(cfg["arch"])
+    assert seen == set(baselines.BASELINE_NAMES)
