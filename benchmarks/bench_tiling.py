@@ -1,7 +1,7 @@
 """Tiling benchmark: tissue mask + grid + reading every tile as an RGB array, per tool, same slides.
 
 Tools (256 px at 0.5 um/px, keep a patch when >= 95 % tissue, i.e. <= 5 % background):
-  ours        modaltune.tiling.tile_slide + iter_tile_batches with --workers reader processes
+  ours        modaltune.tiling.tile_slide + iter_tile_batches with --workers reader threads
   ours-1      the same with one reader (this process)
   openslide   our coordinates, then plain OpenSlide in one thread: read_region at level 0 of the
               level-0 footprint, drop alpha, resize to 256 px (what a naive loop does)
@@ -10,7 +10,8 @@ Tools (256 px at 0.5 um/px, keep a patch when >= 95 % tissue, i.e. <= 5 % backgr
 lazyslide and tiatoolbox run with the interpreters of their own virtual environments (they pin
 conflicting packages): --venvs DIR/{lazyslide,tiatoolbox}/bin/python. Each measurement is a fresh child
 process; time excludes imports and includes everything from opening the slide to the last tile array.
-Peak RSS = the largest sum of RSS over the child's process tree (sampled every 20 ms; forked readers'
+CPU s = user + system time of the child and its reaped children over the same span (less sensitive
+than wall time to other load on a shared machine). Peak RSS = the largest sum of RSS over the child's process tree (sampled every 20 ms; forked readers'
 shared pages count once per process, which overstates ours).
 
 Example:
@@ -32,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PATCH, MPP, MIN_TISSUE = 256, 0.5, 0.95
+BACKEND = os.environ.get("BENCH_READER_BACKEND", "thread")
 TOOLS = ("ours", "ours-1", "openslide", "lazyslide", "tiatoolbox")
 
 
@@ -97,7 +99,7 @@ def run_ours(slide: str, workers: int) -> tuple[int, float]:
         h5 = os.path.join(d, "t.h5")
         res = tile_slide(slide, h5, patch_size=PATCH, target_mpp=MPP, min_tissue=MIN_TISSUE, on_error="raise")
         total = 0.0
-        for _, batch in iter_tile_batches(h5, batch_size=32, workers=workers):
+        for _, batch in iter_tile_batches(h5, batch_size=32, workers=workers, backend=BACKEND):
             total += float(batch[:, ::64, ::64].sum())  # touch every tile
         return res["n_tiles"], total
 
@@ -154,7 +156,13 @@ def child(tool: str, slide: str, workers: int) -> None:
         import lazyslide  # noqa: F401
     elif tool == "tiatoolbox":
         import tiatoolbox.tools.patchextraction  # noqa: F401
-    t0 = time.perf_counter()
+    import resource
+
+    def cpu_s() -> float:
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    c0, t0 = cpu_s(), time.perf_counter()
     if tool == "ours":
         n, total = run_ours(slide, workers)
     elif tool == "ours-1":
@@ -165,8 +173,8 @@ def child(tool: str, slide: str, workers: int) -> None:
         n, total = run_lazyslide(slide)
     else:
         n, total = run_tiatoolbox(slide)
-    wall = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"tool": tool, "n_tiles": n, "wall_s": wall, "checksum": total}))
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    print("RESULT " + json.dumps({"tool": tool, "n_tiles": n, "wall_s": wall, "cpu_s": cpu, "checksum": total}))
 
 
 # ------------------------------------------------------------------ harness
@@ -203,6 +211,7 @@ def measure(tool: str, slide: Path, python: str, workers: int) -> dict:
     res = json.loads(line[7:])
     res["peak_rss_gb"] = peak / 1e9
     res["tiles_per_s"] = res["n_tiles"] / res["wall_s"]
+    res["tiles_per_cpu_s"] = res["n_tiles"] / max(res["cpu_s"], 1e-9)
     return res
 
 
@@ -256,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             if "error" in res:
                 print(f"{label} | {tool}: FAILED {res['error']}", flush=True)
             else:
-                print(f"{label} | {tool}: {res['tiles_per_s']:.0f} tiles/s, {res['n_tiles']} tiles, "
-                      f"{res['wall_s']:.2f} s, peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
+                print(f"{label} | {tool}: {res['tiles_per_s']:.0f} tiles/s, {res['tiles_per_cpu_s']:.0f} tiles/CPU-s, "
+                      f"{res['n_tiles']} tiles, {res['wall_s']:.2f} s, peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
     if args.markdown:
         write_markdown(args.markdown, rows, args, argv)
 
@@ -272,15 +281,15 @@ def write_markdown(path: Path, rows: list[dict], args, argv) -> None:
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)  ",
         f"Best of {args.repeats} run(s) per tool; ours with {args.workers} reader processes.",
         "",
-        "| slide | tool | tiles | tiles/s | wall s | peak RSS GB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| slide | tool | tiles | tiles/s (wall) | tiles per CPU-s | wall s | CPU s | peak RSS GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['slide']} | {r['tool']} | failed: {' '.join(r['error'])[:120]} | | | |")
+            lines.append(f"| {r['slide']} | {r['tool']} | failed: {' '.join(r['error'])[:120]} | | | | | |")
         else:
             lines.append(f"| {r['slide']} | {r['tool']} | {r['n_tiles']} | {r['tiles_per_s']:.0f} | "
-                         f"{r['wall_s']:.2f} | {r['peak_rss_gb']:.2f} |")
+                         f"{r['tiles_per_cpu_s']:.0f} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_gb']:.2f} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")

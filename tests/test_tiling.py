@@ -20,6 +20,7 @@ from modaltune.tiling import (
     detect_tissue,
     footprint_fractions,
     iter_tile_batches,
+    region_to_patch,
     tile_slide,
 )
 
@@ -217,11 +218,25 @@ def test_reader_is_picklable_and_parallel_batches_match(slides, tmp_path):
     clone = pickle.loads(pickle.dumps(reader))
     np.testing.assert_array_equal(clone[5], first)
     seq = reader.read_batch(range(len(reader)))
-    got = list(iter_tile_batches(str(tmp_path / "p.h5"), batch_size=5, workers=2))
-    np.testing.assert_array_equal(np.concatenate([i for i, _ in got]), np.arange(len(reader)))
-    np.testing.assert_array_equal(np.concatenate([b for _, b in got]), seq)
+    for backend in ("thread", "process"):
+        got = list(iter_tile_batches(str(tmp_path / "p.h5"), batch_size=5, workers=2, backend=backend))
+        np.testing.assert_array_equal(np.concatenate([i for i, _ in got]), np.arange(len(reader)))
+        np.testing.assert_array_equal(np.concatenate([b for _, b in got]), seq)
     with pytest.raises(IndexError):
         reader[len(reader)]
+
+
+def test_region_to_patch_whitens_transparency_and_area_averages():
+    from PIL import Image
+
+    rgba = np.zeros((512, 512, 4), np.uint8)  # transparent black, as OpenSlide returns unscanned areas
+    rgba[:, :256] = (200, 100, 50, 255)
+    out = np.asarray(region_to_patch(Image.fromarray(rgba, "RGBA"), 256))
+    assert out.shape == (256, 256, 3)
+    np.testing.assert_array_equal(out[:, :128], np.broadcast_to([200, 100, 50], (256, 128, 3)))
+    np.testing.assert_array_equal(out[:, 128:], 255)
+    odd = np.asarray(region_to_patch(Image.fromarray(rgba[:300, :300], "RGBA"), 256))
+    assert odd.shape == (256, 256, 3) and odd[0, 0].tolist() == [200, 100, 50] and odd[0, -1].tolist() == [255] * 3
 
 
 def test_cmu_small_region_real_slide(tmp_path):

@@ -24,7 +24,7 @@ Method (as in ModalTune's preprocessing, made explicit):
    from a summed-area table interpolated bilinearly at the (fractional) footprint corners.
 3. Reading: the pyramid level with the largest downsample whose region for one patch is still at
    least ``patch_size`` px (``read_size = round(level0_size / downsample)``), so reading never
-   upsamples; regions are resized to ``patch_size`` only when no level matches exactly.
+   upsamples; regions are resized to ``patch_size`` (area averaging) only when no level matches exactly.
 
 Slide-level failures (unreadable, no mpp, no tissue) are recorded in the HDF5 (``status="failed"``)
 rather than stopping a cohort run, unless ``on_error="raise"``.
@@ -298,6 +298,23 @@ def write_qc_png(path: str, thumb: np.ndarray | None, mask: np.ndarray | None, c
 
 # ---------------------------------------------------------------- reading tiles
 
+def region_to_patch(region, patch_size: int):
+    """OpenSlide RGBA region -> RGB PIL image of patch_size px: transparent (unscanned) pixels over white,
+    then downscaled by area averaging (Image.reduce for integer factors, else the BOX filter)."""
+    from PIL import Image
+
+    # All in Pillow: its C paths are several times faster here than numpy's strided RGBA->RGB copy.
+    if region.getchannel("A").getextrema()[0] < 255:
+        region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
+    rgb = region.convert("RGB")
+    rs = rgb.size[0]
+    if rs == patch_size:
+        return rgb
+    if rs > patch_size and rs % patch_size == 0:
+        return rgb.reduce(rs // patch_size)
+    return rgb.resize((patch_size, patch_size), Image.Resampling.BOX if rs > patch_size else Image.Resampling.BILINEAR)
+
+
 def read_tiles_attrs(tiles_h5: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(coords, coords_target, attrs) of a tiles HDF5; InputError naming the file when it is not one."""
     try:
@@ -355,7 +372,6 @@ class TileReader:
     def read_at(self, x: int, y: int) -> np.ndarray:
         """The patch with level-0 top-left (x, y) as RGB uint8 (patch_size, patch_size, 3)."""
         import openslide
-        from PIL import Image
 
         rs = self.read_size
         try:
@@ -363,10 +379,7 @@ class TileReader:
         except openslide.OpenSlideError as e:
             raise SlideError(self.slide_path, f"OpenSlide failed to read level {self.read_level} at {(x, y)}: {e}") \
                 from e
-        if rs != self.patch_size:
-            # Pillow's resize filters widen with the scale factor, i.e. downscaling is antialiased.
-            region = region.resize((self.patch_size, self.patch_size), Image.Resampling.BILINEAR)
-        return rgba_to_rgb(np.asarray(region))
+        return np.asarray(region_to_patch(region, self.patch_size))
 
     def read_batch(self, indices: np.ndarray | list[int]) -> np.ndarray:
         """(len(indices), patch_size, patch_size, 3) uint8, read in the given order."""
@@ -394,13 +407,18 @@ def _read_chunk(bounds: tuple[int, int]) -> tuple[int, np.ndarray]:
     return bounds[0], _WORKER_READER.read_batch(range(*bounds))
 
 
-def iter_tile_batches(tiles_h5: str, batch_size: int = 64, workers: int = 2,
+def iter_tile_batches(tiles_h5: str, batch_size: int = 64, workers: int = 2, backend: str = "thread",
                       slide_path: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (indices, tiles (B, P, P, 3) uint8) for all tiles in order, read by ``workers`` processes.
+    """Yield (indices, tiles (B, P, P, 3) uint8) for all tiles in order, read by ``workers`` in parallel.
 
-    Each worker owns its OpenSlide handle (and tile cache) and reads contiguous row-major runs, so
-    neighbouring patches share decoded slide tiles. ``workers <= 1`` reads in this process.
+    ``backend="thread"``: threads share one OpenSlide handle (thread-safe) and its tile cache; OpenSlide
+    (called through ctypes) and Pillow release the GIL while decoding/resizing, and no pixels are copied
+    between processes. ``"process"``: one handle per forked process (batches are pickled back).
+    At most 2 x workers batches are in flight, so memory stays bounded when the consumer is slow.
+    ``workers <= 1`` reads in the calling thread.
     """
+    if backend not in ("thread", "process"):
+        raise InputError(f"iter_tile_batches backend must be 'thread' or 'process', got {backend!r}")
     reader = TileReader(tiles_h5, slide_path)
     n = len(reader)
     chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
@@ -409,11 +427,41 @@ def iter_tile_batches(tiles_h5: str, batch_size: int = 64, workers: int = 2,
             yield np.arange(s, e), reader.read_batch(range(s, e))
         reader.close()
         return
-    import multiprocessing as mp
+    import collections
+    import concurrent.futures as cf
 
-    # fork: no re-import of __main__ and cheap start; each worker reopens the slide itself (the
-    # reader never shares an OpenSlide handle across processes).
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(reader,)) as pool:
-        for start, batch in pool.imap(_read_chunk, chunks):
-            yield np.arange(start, start + len(batch)), batch
+    if backend == "thread":
+        pool: cf.Executor = cf.ThreadPoolExecutor(workers)
+        fn = _read_chunk_with(reader)
+    else:
+        import multiprocessing as mp
+
+        # fork: no re-import of __main__ and a cheap start; each process reopens the slide itself.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(reader,))
+        fn = _read_chunk
+    pending: collections.deque = collections.deque()
+    todo = iter(chunks)
+    try:
+        with pool:
+            for c in todo:
+                pending.append(pool.submit(fn, c))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                start, batch = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(fn, nxt))
+                yield np.arange(start, start + len(batch)), batch
+    finally:
+        for f in pending:
+            f.cancel()
+        reader.close()
+
+
+def _read_chunk_with(reader: TileReader):
+    def read(bounds: tuple[int, int]) -> tuple[int, np.ndarray]:
+        return bounds[0], reader.read_batch(range(*bounds))
+
+    return read
