@@ -230,10 +230,19 @@ def test_lr_schedule_valid_for_any_epoch_count():
     assert all(a > b for a, b in zip(f15[10:], f15[11:], strict=False))  # cosine decay after warmup
 
 
-def test_tiny_run_learns_and_writes_outputs(cohort, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(cohort, tmp_path_factory):
     from modaltune.training import train_run
 
-    res = train_run(**run_args(cohort, tmp_path, train_cfg={"epochs": 3}))
+    out = tmp_path_factory.mktemp("tiny_run")
+    with pytest.MonkeyPatch.context() as mp:
+        prepare_env(mp)
+        res = train_run(**run_args(cohort, out, train_cfg={"epochs": 3}))
+    return res, out
+
+
+def test_tiny_run_learns_and_writes_outputs(tiny_run):
+    res, tmp_path = tiny_run
     hist = pd.read_parquet(tmp_path / "history.parquet")
     assert list(hist["epoch"]) == [0, 1, 2]  # all epochs run (no debug break)
     assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
@@ -247,11 +256,10 @@ def test_tiny_run_learns_and_writes_outputs(cohort, tmp_path):
     assert not (tmp_path / ".resume.pt").exists()
 
 
-def test_gene_scaler_fitted_on_train_only(cohort, tmp_path):
+def test_gene_scaler_fitted_on_train_only(cohort, tiny_run):
     from modaltune.genomics import GeneScaler, ids_hash
-    from modaltune.training import train_run
 
-    train_run(**run_args(cohort, tmp_path, train_cfg={"epochs": 1}))
+    tmp_path = tiny_run[1]
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     split = pd.read_parquet(cohort["splits_path"])
     train_ids = split.loc[(split.fold == 0) & (split.partition == "train"), "patient_id"].tolist()
@@ -268,17 +276,18 @@ def test_gene_scaler_fitted_on_train_only(cohort, tmp_path):
 def test_resume_after_interrupt_matches_uninterrupted(cohort, tmp_path, monkeypatch):
     from modaltune import training
 
+    args = {"train_cfg": {"epochs": 2}}
     full = tmp_path / "full"
-    training.train_run(**run_args(cohort, full))
+    training.train_run(**run_args(cohort, full, **args))
     part = tmp_path / "part"
     monkeypatch.setattr(training, "_STOP_AFTER_EPOCH", 1)
     with pytest.raises(training._Interrupted):
-        training.train_run(**run_args(cohort, part))
+        training.train_run(**run_args(cohort, part, **args))
     assert (part / ".resume.pt").exists() and not (part / "state.pt").exists()
     torch.manual_seed(999)  # a restarted process has other RNG states: resume must restore them
     np.random.seed(999)
     monkeypatch.setattr(training, "_STOP_AFTER_EPOCH", None)
-    training.train_run(**run_args(cohort, part))
+    training.train_run(**run_args(cohort, part, **args))
     a = torch.load(full / "state.pt", weights_only=False)
     b = torch.load(part / "state.pt", weights_only=False)
     assert a["best_epoch"] == b["best_epoch"]
@@ -309,10 +318,10 @@ def test_supervised_objectives_train(cohort, tmp_path, objective):
     from modaltune.training import train_run
 
     res = train_run(**run_args(cohort, tmp_path, model_cfg={"arch": "tiny_test", "objective": objective},
-                               train_cfg={"epochs": 2, "selection": "bacc+cindex"}))
+                               train_cfg={"epochs": 1, "selection": "bacc+cindex"}))
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     assert state["objective"] == objective and "head.weight" in state["trainable"]
-    assert len(res["history"]) == 2 and np.isfinite(res["history"][-1]["train_loss"])
+    assert len(res["history"]) == 1 and np.isfinite(res["history"][-1]["train_loss"])
     edges = np.array(state["survival_edges"])
     assert edges[0] == 0 and np.isinf(edges[-1]) and len(edges) == 5
 
