@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write a markdown report here")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--ckpt", action="store_true")
+    ap.add_argument("--ckpt-modes", choices=["both", "on", "off"], default="both",
+                    help="which activation-checkpointing settings to measure")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -130,7 +132,7 @@ def main() -> None:
     print(json.dumps(counts, indent=1))
     rows = []
     for n in args.n:
-        for ckpt in (False, True):
+        for ckpt in {"both": (False, True), "on": (True,), "off": (False,)}[args.ckpt_modes]:
             cmd = [sys.executable, __file__, "--worker", "--n", str(n), "--device", args.device]
             cmd += ["--ckpt"] if ckpt else []
             cmd += ["--amp"] if args.amp else []
@@ -151,7 +153,8 @@ def write_report(path: Path, counts: dict, rows: list[dict], args) -> None:
         "# ModalTune model benchmark",
         "",
         f"Command: `python benchmarks/bench_model.py --n {' '.join(map(str, args.n))} --device {args.device}"
-        f"{' --amp' if args.amp else ''}{f' --threads {args.threads}' if args.threads else ''} --out {args.out}`",
+        f"{' --amp' if args.amp else ''}{f' --threads {args.threads}' if args.threads else ''}"
+        f"{'' if args.ckpt_modes == 'both' else ' --ckpt-modes ' + args.ckpt_modes} --out {args.out}`",
         f"Load average when the report was written: {os.getloadavg()} (shared machine: times are indicative)",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"torch threads {torch.get_num_threads()}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}"

@@ -117,24 +117,25 @@ def _one_branch(q: Tensor, k: Tensor, v: Tensor, seg: int, ratio: int, kernel) -
     idx, length = _branch_index(n_heads, seg, ratio, q.device)
     seg_padded = length * ratio
 
+    # Advanced indexing (not torch.gather): its backward keeps only the indices, not the padded input.
+    pos_idx = idx.t()  # (H, L)
+    head_idx = torch.arange(n_heads, device=q.device).unsqueeze(1)  # (H, 1)
+
     def gather(x: Tensor) -> Tensor:
         x = F.pad(x, (0, 0, 0, 0, 0, n_seg * seg - n))  # sequence -> multiple of the segment
         x = x.view(bsz, n_seg, seg, n_heads, d)
         x = F.pad(x, (0, 0, 0, 0, 0, seg_padded - seg))  # segment -> multiple of the ratio
-        gidx = idx.view(1, 1, length, n_heads, 1).expand(bsz, n_seg, length, n_heads, d)
-        x = torch.gather(x, 2, gidx)  # (B, S, L, H, d)
-        return x.permute(0, 1, 3, 2, 4).reshape(bsz * n_seg, n_heads, length, d)
+        return x[:, :, pos_idx, head_idx].reshape(bsz * n_seg, n_heads, length, d)  # (B*S, H, L, d)
 
     scale = d**-0.5
     out, lse = kernel(gather(q), gather(k), gather(v), scale)
-    out = out.view(bsz, n_seg, n_heads, length, d).permute(0, 1, 3, 2, 4)  # (B, S, L, H, d)
-    lse = lse.view(bsz, n_seg, n_heads, length).permute(0, 1, 3, 2)
+    lse = lse.detach()  # only feeds the no-grad branch weights
     if lse.dtype in (torch.float16, torch.bfloat16):
         lse = lse.float()
     dense = out.new_zeros(bsz, n_seg, seg_padded, n_heads, d)
-    dense = dense.scatter(2, idx.view(1, 1, length, n_heads, 1).expand_as(out), out)
+    dense[:, :, pos_idx, head_idx] = out.reshape(bsz, n_seg, n_heads, length, d)
     dense_lse = lse.new_full((bsz, n_seg, seg_padded, n_heads), UNCOVERED_LSE)
-    dense_lse = dense_lse.scatter(2, idx.view(1, 1, length, n_heads).expand_as(lse), lse)
+    dense_lse[:, :, pos_idx, head_idx] = lse.reshape(bsz, n_seg, n_heads, length)
     dense = dense[:, :, :seg].reshape(bsz, n_seg * seg, n_heads, d)[:, :n]
     dense_lse = dense_lse[:, :, :seg].reshape(bsz, n_seg * seg, n_heads)[:, :n]
     return dense, dense_lse
