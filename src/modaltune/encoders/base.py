@@ -87,7 +87,8 @@ class ResizeCrop:
         if not isinstance(tile, np.ndarray) or tile.dtype != np.uint8 or tile.ndim != 3 or tile.shape[2] != 3:
             got = getattr(tile, "dtype", type(tile).__name__), getattr(tile, "shape", None)
             raise InputError(f"tile must be a uint8 RGB array of shape (H, W, 3); got {got}")
-        x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)
+        # Readers may hand out read-only views (PIL buffers); torch wants writable memory.
+        x = torch.from_numpy(np.require(tile, requirements=["C", "W"])).permute(2, 0, 1)
         if self.resize is not None and min(x.shape[1:]) != self.resize:
             x = TF.resize(x, [self.resize], interpolation=self.interpolation, antialias=True)
         if tuple(x.shape[1:]) != (self.size, self.size):
