@@ -36,7 +36,8 @@ def run_shard(slides: list[dict], manifest: str, *, tiles_dir: str, features_dir
             tile_slide(rec["path"], str(tiles_h5), slide_id=sid, mpp_override=mpp,
                        qc_png=str(tiles_h5.with_suffix(".png")), **tiling)
         out = embed_slide(str(tiles_h5), str(feats_h5), **embedding)
-        status = out.get("status", "ok")
+        # a slide skipped on resume reports what its stored record says (ok or failed)
+        status = out.get("stored_status", out.get("status", "ok")) if out.get("status") == "skipped" else out.get("status", "ok")
         log.info("slide %s: %s", sid, status)
         rows.append({"slide_id": sid, "tiles_h5": str(tiles_h5), "features_h5": str(feats_h5),
                      "status": status, "error": out.get("error", "")})
