@@ -100,7 +100,11 @@ def merge_config(cfg: dict | None, base: dict | None = None) -> dict:
 
 
 def build_backbone(bcfg: dict, in_chans: int) -> nn.Module:
+    """The frozen slide encoder named by ``bcfg["type"]``; ``in_chans`` = the patch feature width."""
     kind = bcfg.get("type", "longnet")
+    if bcfg.get("in_chans") not in (None, in_chans):
+        raise InputError(f"model config backbone.in_chans={bcfg['in_chans']} but the patch features have "
+                         f"{in_chans} columns: set in_chans to null or re-embed with the matching encoder")
     if kind == "longnet":
         model = LongNetViT(
             in_chans=in_chans, embed_dim=bcfg["embed_dim"], depth=bcfg["depth"], num_heads=bcfg["num_heads"],
