@@ -151,6 +151,14 @@ def run_tiatoolbox(slide: str) -> tuple[int, float]:
 def child(tool: str, slide: str, workers: int) -> None:
     # import the tool's modules before the clock starts
     if tool in ("ours", "ours-1", "openslide"):
+        # modaltune imports these lazily (CPU rules stay light); load them now like the peers' imports
+        import h5py  # noqa: F401
+        import PIL.Image  # noqa: F401
+        import scipy.ndimage  # noqa: F401
+        import skimage.color  # noqa: F401
+        import skimage.filters  # noqa: F401
+        import skimage.morphology  # noqa: F401
+
         import modaltune.tiling  # noqa: F401
     elif tool == "lazyslide":
         import lazyslide  # noqa: F401
