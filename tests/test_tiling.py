@@ -249,6 +249,12 @@ def test_cmu_small_region_real_slide(tmp_path):
     tile = reader[len(reader) // 2]
     assert tile.shape == (256, 256, 3) and tile.dtype == np.uint8
     assert tile.mean() < 230  # stained tissue, not glass
+    # the direct TIFF-tile path (240 px Aperio tiles, regions spanning 4 of them) matches OpenSlide
+    assert reader._tiff is not None
+    plain = TileReader(str(tmp_path / "cmu.h5"), fast=False)
+    for i in range(0, len(reader), 5):
+        np.testing.assert_array_equal(reader[i], plain[i])
+    assert plain._tiff is None
 
 
 def test_importing_tiling_does_not_import_torch():

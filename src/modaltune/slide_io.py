@@ -8,11 +8,13 @@ doubles the magnification of every patch of a 20x slide.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import openslide
 
 from modaltune.errors import InputError, SlideError
@@ -135,3 +137,89 @@ def open_slide(path: str | os.PathLike, mpp_override: float | None = None) -> Sl
         osr.close()
         raise
     return SlideHandle(os.fspath(path), osr, mpp, source)
+
+
+class TiffLevelReader:
+    """RGB regions of one pyramid level decoded straight from its TIFF tiles (tifffile + imagecodecs).
+
+    Why not only OpenSlide: its read_region composites every tile through cairo into premultiplied
+    ARGB, about 4-5x the CPU of decoding the JPEG tile itself (measured: 1.8 ms vs 0.4 ms per 256 px
+    tile). This reader is used only when the level is a plain tiled, 8-bit, 3-sample TIFF page whose size
+    equals OpenSlide's level size (generic TIFF, Aperio SVS, ...); anything else returns None from
+    :meth:`open` and the caller keeps OpenSlide. Thread-safe: file reads use ``os.pread`` and the small
+    decoded-tile cache is guarded by a lock.
+    """
+
+    CACHE_TILES = 64
+
+    def __init__(self, path: str, tiff, page):
+        import threading
+        from collections import OrderedDict
+
+        self.path, self._tiff, self._page = path, tiff, page
+        self._fd = os.open(path, os.O_RDONLY)
+        self.width, self.height = int(page.imagewidth), int(page.imagelength)
+        self.tw, self.th = int(page.tilewidth), int(page.tilelength)
+        self._ntx = -(-self.width // self.tw)
+        self._offsets, self._counts = page.dataoffsets, page.databytecounts
+        self._tables = page.jpegtables
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, level_size: tuple[int, int]) -> TiffLevelReader | None:
+        try:
+            import tifffile
+
+            tiff = tifffile.TiffFile(os.fspath(path))
+        except Exception:  # not a TIFF (or unreadable by tifffile): OpenSlide handles it
+            return None
+        for page in tiff.pages:
+            if (page.is_tiled and (page.imagewidth, page.imagelength) == tuple(level_size)
+                    and page.samplesperpixel == 3 and page.bitspersample == 8 and page.imagedepth == 1
+                    and page.planarconfig == 1 and int(page.photometric) in (2, 6)):  # RGB, YCbCr
+                reader = cls(os.fspath(path), tiff, page)
+                try:
+                    reader._tile(0)  # fail over to OpenSlide now if this codec is unavailable
+                except Exception:
+                    reader.close()
+                    return None
+                return reader
+        tiff.close()
+        return None
+
+    def _tile(self, index: int) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get(index)
+            if hit is not None:
+                self._cache.move_to_end(index)
+                return hit
+        count = int(self._counts[index])
+        if count == 0:  # sparse TIFF: tile never written
+            arr = np.full((self.th, self.tw, 3), 255, np.uint8)
+        else:
+            data = os.pread(self._fd, count, int(self._offsets[index]))
+            arr = self._page.decode(data, index, jpegtables=self._tables)[0][0, :, :, :3]
+        with self._lock:
+            self._cache[index] = arr
+            if len(self._cache) > self.CACHE_TILES:
+                self._cache.popitem(last=False)
+        return arr
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of the level's pixels [y, y+h) x [x, x+w); outside the image is white."""
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
+        for ty in range(y0 // self.th, -(-y1 // self.th)) if y1 > y0 else ():
+            for tx in range(x0 // self.tw, -(-x1 // self.tw)) if x1 > x0 else ():
+                tile = self._tile(ty * self._ntx + tx)
+                gx, gy = tx * self.tw, ty * self.th
+                ax, ay = max(x0, gx), max(y0, gy)
+                bx, by = min(x1, gx + self.tw), min(y1, gy + self.th)
+                out[ay - y:by - y, ax - x:bx - x] = tile[ay - gy:by - gy, ax - gx:bx - gx]
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._tiff.close()

@@ -45,7 +45,7 @@ import numpy as np
 from modaltune import __version__
 from modaltune.errors import InputError, SlideError
 from modaltune.io_utils import atomic_path
-from modaltune.slide_io import SlideHandle, open_openslide, open_slide
+from modaltune.slide_io import SlideHandle, TiffLevelReader, open_openslide, open_slide
 
 MASK_MIN_SIDE = 1000
 MAX_MASK_SIDE = 2048
@@ -304,7 +304,7 @@ def region_to_patch(region, patch_size: int):
     from PIL import Image
 
     # All in Pillow: its C paths are several times faster here than numpy's strided RGBA->RGB copy.
-    if region.getchannel("A").getextrema()[0] < 255:
+    if region.mode == "RGBA" and region.getchannel("A").getextrema()[0] < 255:
         region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
     rgb = region.convert("RGB")
     rs = rgb.size[0]
@@ -335,17 +335,20 @@ class TileReader:
 
     Picklable: holds the slide path, not the OpenSlide handle, and (re)opens the slide lazily in each
     process, so it is safe in DataLoader workers and multiprocessing pools. ``slide_path`` overrides the
-    path stored in the HDF5 (slides moved since tiling).
+    path stored in the HDF5 (slides moved since tiling). ``fast``: decode TIFF tiles directly when the
+    read level is a plain tiled TIFF page (:class:`modaltune.slide_io.TiffLevelReader`), else OpenSlide.
     """
 
-    def __init__(self, tiles_h5: str, slide_path: str | None = None):
+    def __init__(self, tiles_h5: str, slide_path: str | None = None, fast: bool = True):
         self.tiles_h5 = os.fspath(tiles_h5)
         self.coords, self.coords_target, self.attrs = read_tiles_attrs(self.tiles_h5)
         self.slide_path = os.fspath(slide_path or self.attrs["slide_path"])
         self.patch_size = int(self.attrs["patch_size"])
         self.read_level = int(self.attrs["read_level"])
         self.read_size = int(self.attrs["read_size"])
+        self.fast = fast
         self._osr = None
+        self._tiff: TiffLevelReader | None = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -353,13 +356,17 @@ class TileReader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_osr"], state["_pid"] = None, None
+        state["_osr"], state["_tiff"], state["_pid"] = None, None, None
         return state
 
     def _slide(self):
         if self._osr is None or self._pid != os.getpid():
             self._osr = open_openslide(self.slide_path)
             self._pid = os.getpid()
+            self._tiff = None
+            if self.fast:
+                self._tiff = TiffLevelReader.open(self.slide_path, self._osr.level_dimensions[self.read_level])
+                self._ds = self._osr.level_downsamples[self.read_level]
         return self._osr
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -372,10 +379,18 @@ class TileReader:
     def read_at(self, x: int, y: int) -> np.ndarray:
         """The patch with level-0 top-left (x, y) as RGB uint8 (patch_size, patch_size, 3)."""
         import openslide
+        from PIL import Image
 
         rs = self.read_size
+        osr = self._slide()
+        if self._tiff is not None:
+            # OpenSlide's mapping of a level-0 location to the level: x / downsample
+            rgb = self._tiff.read(int(x // self._ds), int(y // self._ds), rs, rs)
+            if rs == self.patch_size:
+                return rgb
+            return np.asarray(region_to_patch(Image.fromarray(rgb), self.patch_size))
         try:
-            region = self._slide().read_region((x, y), self.read_level, (rs, rs))
+            region = osr.read_region((x, y), self.read_level, (rs, rs))
         except openslide.OpenSlideError as e:
             raise SlideError(self.slide_path, f"OpenSlide failed to read level {self.read_level} at {(x, y)}: {e}") \
                 from e
@@ -391,7 +406,9 @@ class TileReader:
     def close(self) -> None:
         if self._osr is not None and self._pid == os.getpid():
             self._osr.close()
-        self._osr, self._pid = None, None
+            if self._tiff is not None:
+                self._tiff.close()
+        self._osr, self._tiff, self._pid = None, None, None
 
 
 _WORKER_READER: TileReader | None = None
