@@ -287,7 +287,7 @@ def write_markdown(path: Path, rows: list[dict], args, argv) -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)  ",
-        f"Best of {args.repeats} run(s) per tool; ours with {args.workers} reader processes.",
+        f"Best of {args.repeats} run(s) per tool; ours with {args.workers} reader {BACKEND}s.",
         "",
         "| slide | tool | tiles | tiles/s (wall) | tiles per CPU-s | wall s | CPU s | peak RSS GB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
