@@ -13,7 +13,7 @@ import openslide
 import pytest
 
 from modaltune.errors import InputError, SlideError
-from modaltune.slide_io import open_slide
+from modaltune.slide_io import TiffLevelReader, open_slide
 from modaltune.tiling import (
     TileReader,
     choose_read_level,
@@ -224,6 +224,25 @@ def test_reader_is_picklable_and_parallel_batches_match(slides, tmp_path):
         np.testing.assert_array_equal(np.concatenate([b for _, b in got]), seq)
     with pytest.raises(IndexError):
         reader[len(reader)]
+
+
+def test_tiff_level_reader_matches_openslide_on_unaligned_regions(slides):
+    path = str(slides["mpp0.5"])
+    with openslide.OpenSlide(path) as s:
+        level1 = s.level_dimensions[1]
+        assert TiffLevelReader.open(path, level1, vendor=None) is None  # unknown vendor: OpenSlide only
+        r = TiffLevelReader.open(path, level1, s.properties["openslide.vendor"])
+        assert r is not None
+        try:
+            got = r.read(100, 37, 300, 200)  # spans 2 x 2 TIFF tiles, at level 1
+            ref = np.asarray(s.read_region((200, 74), 1, (300, 200)))[..., :3]
+            np.testing.assert_array_equal(got, ref)
+            edge = r.read(level1[0] - 10, 0, 20, 5)  # half outside the image: white there
+            np.testing.assert_array_equal(edge[:, 10:], 255)
+            np.testing.assert_array_equal(edge[:, :10], np.asarray(s.read_region(
+                ((level1[0] - 10) * 2, 0), 1, (10, 5)))[..., :3])
+        finally:
+            r.close()
 
 
 def test_region_to_patch_whitens_transparency_and_area_averages():

@@ -166,8 +166,17 @@ class TiffLevelReader:
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
+    # Vendors whose levels are plain regular tile grids in one TIFF page (Ventana BIF overlaps its tiles,
+    # Leica/Philips keep several images per file: those stay with OpenSlide). Compressions: none, LZW,
+    # JPEG, deflate.
+    VENDORS = ("generic-tiff", "aperio")
+    COMPRESSIONS = (1, 5, 7, 8, 32946)
+
     @classmethod
-    def open(cls, path: str | os.PathLike, level_size: tuple[int, int]) -> TiffLevelReader | None:
+    def open(cls, path: str | os.PathLike, level_size: tuple[int, int],
+             vendor: str | None = None) -> TiffLevelReader | None:
+        if vendor not in cls.VENDORS:
+            return None
         try:
             import tifffile
 
@@ -177,7 +186,8 @@ class TiffLevelReader:
         for page in tiff.pages:
             if (page.is_tiled and (page.imagewidth, page.imagelength) == tuple(level_size)
                     and page.samplesperpixel == 3 and page.bitspersample == 8 and page.imagedepth == 1
-                    and page.planarconfig == 1 and int(page.photometric) in (2, 6)):  # RGB, YCbCr
+                    and page.planarconfig == 1 and int(page.photometric) in (2, 6)  # RGB, YCbCr
+                    and int(page.compression) in cls.COMPRESSIONS):
                 reader = cls(os.fspath(path), tiff, page)
                 try:
                     reader._tile(0)  # fail over to OpenSlide now if this codec is unavailable

@@ -365,7 +365,8 @@ class TileReader:
             self._pid = os.getpid()
             self._tiff = None
             if self.fast:
-                self._tiff = TiffLevelReader.open(self.slide_path, self._osr.level_dimensions[self.read_level])
+                self._tiff = TiffLevelReader.open(self.slide_path, self._osr.level_dimensions[self.read_level],
+                                                  self._osr.properties.get("openslide.vendor"))
                 self._ds = self._osr.level_downsamples[self.read_level]
         return self._osr
 
