@@ -142,7 +142,8 @@ def test_every_trainable_parameter_gets_a_gradient(name):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.isfinite(p.grad).all(), n
-            assert p.grad.abs().sum() > 0, n
+            if not n.endswith("attn_c.bias"):  # a constant added to scores before a softmax: gradient 0
+                assert p.grad.abs().sum() > 0, n
 
 
 @pytest.mark.parametrize("name", USES_PATCHES)

@@ -53,14 +53,20 @@ def test_snn_block_layers():
     assert block(torch.randn(3, 5)).shape == (3, 7)
 
 
-def test_towers_match_naive_per_pathway_loop():
+@pytest.mark.parametrize("path", ["scatter", "buckets"])
+def test_towers_match_naive_per_pathway_loop(path):
     torch.manual_seed(0)
-    groups = _random_groups(40, [1, 3, 7, 12, 5], seed=3)
+    groups = _random_groups(40, [1, 3, 7, 12, 5, 2, 9, 4, 4, 11, 1], seed=3)
     groups[2] = [0, 39, 5, 5 + 1, 17, 2, 33]  # unsorted and including gene 0 (the padding gather target)
+    groups[5] = [3, 3 + 1]
     towers = PathwayTowers(groups, latent_dim=16, dropout=0.25).eval()
+    towers.scatter_max_elements = 10**9 if path == "scatter" else 0
     genes = torch.randn(4, 40)
     out = towers(genes)
-    assert out.shape == (4, 5, 16)
+    assert out.shape == (4, 11, 16)
+    x = genes[:, towers.gather_index] * towers.valid  # the padded-layout reference of layer 1
+    torch.testing.assert_close(towers.layer1(genes), torch.einsum("bpn,pnl->bpl", x, towers.padded_weight1()),
+                               rtol=1e-5, atol=1e-5)
     for i, g in enumerate(groups):
         w1, b1, w2, b2 = towers.linear_layers(i)
         lin1, lin2 = nn.Linear(len(g), 16), nn.Linear(16, 16)
@@ -71,6 +77,13 @@ def test_towers_match_naive_per_pathway_loop():
             lin2.bias.copy_(b2)
         ref = nn.functional.elu(lin2(nn.functional.elu(lin1(genes[:, g]))))
         torch.testing.assert_close(out[:, i], ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in towers.named_parameters()}
+    towers.zero_grad()
+    towers.scatter_max_elements = 0 if path == "scatter" else 10**9  # the other path: same gradients
+    towers(genes).sum().backward()
+    for n, p in towers.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
 
 
 def test_towers_padding_holds_no_weight_and_genes_outside_groups_are_ignored():

@@ -45,11 +45,16 @@ class PathwayTowers(nn.Module):
     """One two-layer S-MLP tower per pathway, evaluated for all pathways in one batched einsum.
 
     Layer 1 of pathway ``i`` is ``Linear(n_i -> latent)``; its weights are kept in one flat parameter
-    ``weight1`` of shape (sum n_i, latent) (row ``offset_i + j`` = gene ``j`` of pathway ``i``) and are
-    scattered into a zero-padded (P, max_n, latent) tensor at run time, so the padding holds no
-    trainable values. Layer 2 is ``Linear(latent -> latent)`` per pathway, stored as (P, latent, latent).
+    ``weight1`` of shape (sum n_i, latent) (row ``offset_i + j`` = gene ``j`` of pathway ``i``), so no
+    padding is trainable. Layer 1 runs as a gather-multiply-``index_add`` over the memberships for small
+    batches (cheapest at batch 1, ModalTune's setting) and otherwise as padded einsums over 8 buckets of
+    similar-size pathways (pathway sizes range 1..199, so one padded tensor would be ~7x the real work).
+    Layer 2 is ``Linear(latent -> latent)`` per pathway, stored as (P, latent, latent).
     forward(genes (B, G)) -> (B, P, latent).
     """
+
+    n_buckets = 8
+    scatter_max_elements = 2**24  # B * memberships * latent below this: use the scatter path
 
     def __init__(self, pathway_groups: list[list[int]], latent_dim: int = 256, dropout: float = 0.25):
         super().__init__()
@@ -74,6 +79,10 @@ class PathwayTowers(nn.Module):
         self.register_buffer("gather_index", gather, persistent=False)
         self.register_buffer("valid", valid, persistent=False)
         self.register_buffer("flat_pos", flat_pos, persistent=False)
+        self.register_buffer("member_gene", torch.tensor([j for g in groups for j in g]), persistent=False)
+        self.register_buffer("member_path", torch.repeat_interleave(torch.arange(self.n_pathways),
+                                                                    torch.tensor(self.sizes)), persistent=False)
+        self._make_buckets(groups)
         self.register_buffer(
             "fan_in1", torch.repeat_interleave(torch.tensor(self.sizes, dtype=torch.float32),
                                                torch.tensor(self.sizes)), persistent=False
@@ -109,6 +118,45 @@ class PathwayTowers(nn.Module):
         self.weight2.uniform_(-bound2, bound2)
         self.bias2.uniform_(-bound2, bound2)
 
+    def _make_buckets(self, groups: list[list[int]]) -> None:
+        order = sorted(range(self.n_pathways), key=lambda i: self.sizes[i])
+        k = min(self.n_buckets, self.n_pathways)
+        starts = [0] + [sum(self.sizes[: i]) for i in range(1, self.n_pathways + 1)]
+        self._bucket_names = []
+        for b in range(k):
+            ids = order[b * len(order) // k : (b + 1) * len(order) // k]
+            width = max(self.sizes[i] for i in ids)
+            gene = torch.zeros(len(ids), width, dtype=torch.long)
+            row = torch.zeros(len(ids), width, dtype=torch.long)  # row of weight1; padding reads row 0, masked
+            valid = torch.zeros(len(ids), width)
+            for j, i in enumerate(ids):
+                n = self.sizes[i]
+                gene[j, :n] = torch.tensor(groups[i])
+                row[j, :n] = torch.arange(starts[i], starts[i] + n)
+                valid[j, :n] = 1.0
+            for name, t in (("ids", torch.tensor(ids)), ("gene", gene), ("row", row), ("valid", valid)):
+                self.register_buffer(f"bucket{b}_{name}", t, persistent=False)
+            self._bucket_names.append(f"bucket{b}_")
+
+    def _layer1_scatter(self, genes: Tensor) -> Tensor:
+        prod = genes[:, self.member_gene].unsqueeze(-1) * self.weight1  # (B, memberships, latent)
+        out = genes.new_zeros(genes.shape[0], self.n_pathways, self.latent_dim)
+        return out.index_add(1, self.member_path, prod)
+
+    def _layer1_buckets(self, genes: Tensor) -> Tensor:
+        out = genes.new_zeros(genes.shape[0], self.n_pathways, self.latent_dim)
+        for prefix in self._bucket_names:
+            ids, gene, row, valid = (getattr(self, prefix + n) for n in ("ids", "gene", "row", "valid"))
+            w = self.weight1[row] * valid.unsqueeze(-1)  # (k, width, latent), zero on padding
+            out = out.index_copy(1, ids, torch.einsum("bkn,knl->bkl", genes[:, gene] * valid, w))
+        return out
+
+    def layer1(self, genes: Tensor) -> Tensor:
+        """First linear layer of every tower, without bias: (B, G) -> (B, P, latent)."""
+        if genes.shape[0] * self.weight1.numel() <= self.scatter_max_elements:
+            return self._layer1_scatter(genes)
+        return self._layer1_buckets(genes)
+
     def padded_weight1(self) -> Tensor:
         """Layer-1 weights in the padded (P, max_n, latent) layout, zeros where a pathway has no gene."""
         max_n = self.gather_index.shape[1]
@@ -127,8 +175,7 @@ class PathwayTowers(nn.Module):
                 f"batch['genes'] has shape {tuple(genes.shape)} but the pathway groups index gene "
                 f"{self.max_index}; expected (B, G) with G > {self.max_index} (same gene table as training)"
             )
-        x = genes[:, self.gather_index] * self.valid  # (B, P, max_n); padding slots read gene 0, zeroed here
-        h = torch.einsum("bpn,pnl->bpl", x, self.padded_weight1()) + self.bias1
+        h = self.layer1(genes) + self.bias1
         h = self.drop1(self.act(h))
         h = torch.einsum("bpl,plk->bpk", h, self.weight2) + self.bias2
         return self.drop2(self.act(h))
