@@ -452,6 +452,8 @@ def iter_tile_batches(tiles_h5: str, batch_size: int = 64, workers: int = 2, bac
     import concurrent.futures as cf
 
     if backend == "thread":
+        if n:
+            reader._slide()  # open once here, not racing in the worker threads
         pool: cf.Executor = cf.ThreadPoolExecutor(workers)
         fn = _read_chunk_with(reader)
     else:
