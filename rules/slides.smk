@@ -34,7 +34,7 @@ rule embed_patches:
         "slides"
     conda:
         "../envs/embed.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
     params:

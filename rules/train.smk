@@ -13,7 +13,7 @@ rule train:
         "benchmarks/out/train/{cohort}/{model}/seed_{seed}_fold_{fold}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
     params:

@@ -153,6 +153,17 @@ def combined_sheet(paths: list[str] | str | pd.DataFrame) -> pd.DataFrame:
     return pd.concat([read_sheet(p) for p in paths], ignore_index=True)
 
 
+def limit_threads(n: int) -> None:
+    """Use the job's declared threads only: oversubscribed BLAS/OpenMP threads on a shared node
+    make small PyTorch ops orders of magnitude slower and results depend on the thread count."""
+    n = max(1, int(n))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
 @contextlib.contextmanager
 def log_to(path: str | os.PathLike | None) -> Iterator[None]:
     """Send stdout, stderr and the logging module to a rule's log file."""

@@ -4,8 +4,9 @@ from pathlib import Path
 
 from modaltune.evaluation import evaluate_run
 from modaltune.shards import expand_feature_inputs
-from modaltune.workflow import log_to
+from modaltune.workflow import limit_threads, log_to
 
+limit_threads(snakemake.threads)
 with log_to(snakemake.log[0]):
     evaluate_run(
         run_dir=str(Path(snakemake.input.state).parent),

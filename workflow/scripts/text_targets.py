@@ -1,8 +1,9 @@
 """Snakemake adapter: label prompts -> text embeddings for one fold."""
 
 from modaltune.text import build_text_targets
-from modaltune.workflow import log_to
+from modaltune.workflow import limit_threads, log_to
 
+limit_threads(snakemake.threads)
 with log_to(snakemake.log[0]):
     build_text_targets(
         snakemake.input.cases,

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from modaltune.training import train_run
 from modaltune.shards import expand_feature_inputs
-from modaltune.workflow import log_to
+from modaltune.training import train_run
+from modaltune.workflow import limit_threads, log_to
 
+limit_threads(snakemake.threads)
 with log_to(snakemake.log[0]):
     train_run(
         model_name=snakemake.wildcards.model,
