@@ -158,3 +158,19 @@ def test_pan_cancer_probes_per_site(tmp_path):
     assert m["subtype_bacc"] == pytest.approx(np.mean(vals))
     assert m["head"] is not None and "bacc" in m["head"]  # supervised baseline: its own head reported too
     assert set(m["tokens"]) == {"embedding"}
+
+
+def test_cox_probe_ignores_constant_embedding_dims():
+    """Dead ReLU units give constant dims; lifelines' std scaling turned them into NaN fits."""
+    from modaltune.evaluation import cox_cindex, fit_cox_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 16))
+    x[:, 4:10] = 0.0
+    t = rng.exponential(10, 30)
+    e = (rng.random(30) < 0.6).astype(float)
+    probe = fit_cox_probe(x, t, e, penalizer=0.1)
+    assert probe["converged"], probe["error"]
+    assert probe["keep"].sum() == 10
+    c = cox_cindex(probe, x, t, e)
+    assert c is not None and 0.0 <= c <= 1.0

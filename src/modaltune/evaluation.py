@@ -86,13 +86,20 @@ def fit_cox_probe(x_train: np.ndarray, times: np.ndarray, events: np.ndarray, pe
 
     ok = np.isfinite(times) & np.isfinite(events)
     x, t, e = x_train[ok], times[ok], events[ok]
-    res = {"model": None, "scaler": None, "pca": None, "penalizer": penalizer, "converged": False, "error": None}
+    res = {"model": None, "scaler": None, "pca": None, "keep": None, "penalizer": penalizer, "converged": False,
+           "error": None}
     n_events = int(e.sum())
     if n_events < 2:
         res["error"] = f"only {n_events} events among training patients; Cox probe not fitted"
         return res
     scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
+    # lifelines rescales every covariate by its std: a constant dim (dead ReLU unit) would give NaN.
+    keep = scaler.var_ > 1e-12
+    if not keep.any():
+        res["error"] = "every embedding dim is constant on the training patients; Cox probe not fitted"
+        return res
+    res["keep"] = keep
+    z = scaler.transform(x)[:, keep]
     n_comp = None
     if pca == "auto" and z.shape[1] > max(1, n_events // 5):
         n_comp = max(1, n_events // 5)
@@ -144,6 +151,8 @@ def cox_cindex(probe: dict, x: np.ndarray, times: np.ndarray, events: np.ndarray
     if ok.sum() < 2 or events[ok].sum() < 1:
         return None
     z = probe["scaler"].transform(x[ok])
+    if probe.get("keep") is not None:
+        z = z[:, probe["keep"]]
     if probe["pca"] is not None:
         z = probe["pca"].transform(z)
     df = pd.DataFrame(z, columns=[f"x{i}" for i in range(z.shape[1])])

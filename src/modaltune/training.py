@@ -158,7 +158,8 @@ SLIDE_ENCODER_ARCHS = ("modaltune", "slide_encoder_lp", "slide_encoder_tuned")
 
 def grid_of(model_cfg: dict) -> tuple[int | None, int]:
     """(slide_ngrids, tile_size) of a model's positional grid, None for models that ignore positions."""
-    b = model_cfg.get("backbone") or {}
+    # late fusion keeps its slide encoder's block under slide.backbone
+    b = model_cfg.get("backbone") or (model_cfg.get("slide") or {}).get("backbone") or {}
     ngrids = b.get("slide_ngrids", model_cfg.get("slide_ngrids"))
     tile = b.get("tile_size", model_cfg.get("tile_size", 256))
     if ngrids is None and model_cfg.get("arch") in SLIDE_ENCODER_ARCHS:
