@@ -318,18 +318,10 @@ def read_biospecimen_tsv(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_cohort_sheet(path: str | os.PathLike) -> pd.DataFrame:
-    """Cohort sheet TSV (slide_id, patient_id, path[, mpp])."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: cohort sheet not found")
-    sheet = pd.read_csv(path, sep="\t", dtype=str, comment=None)
-    missing = [c for c in ("slide_id", "patient_id", "path") if c not in sheet.columns]
-    if missing:
-        raise InputError(
-            f"{path}: cohort sheet lacks column(s) {missing}; found {list(sheet.columns)}. "
-            "The sheet is a TSV with slide_id, patient_id, path (optional mpp)."
-        )
-    return sheet
+    """Cohort sheet TSV (slide_id, patient_id, path[, mpp]), validated like the workflow's."""
+    from modaltune.workflow import read_sheet
+
+    return read_sheet(path).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------
