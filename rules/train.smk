@@ -7,6 +7,7 @@ rule train:
     output:
         state=f"{RUN}/state.pt",
         history=f"{RUN}/history.parquet",
+        curve=f"{RUN}/curve.png",
     log:
         "logs/train/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     benchmark:
@@ -19,6 +20,7 @@ rule train:
     params:
         model_cfg=lambda wc: config["models"][wc.model],
         train_cfg=config["training"],
+        probe_lr=config["probes"].get("lr", "standard"),
     script:
         "../workflow/scripts/train.py"
 
@@ -30,6 +32,7 @@ rule evaluate:
     output:
         metrics=f"{RUN}/metrics.json",
         embeddings=f"{RUN}/embeddings.npz",
+        predictions=f"{RUN}/predictions.parquet",
     log:
         "logs/evaluate/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     conda:
@@ -50,6 +53,7 @@ rule evaluate_ood:
     output:
         metrics=f"{RESULTS}/{{eval_cohort}}/ood/{{cohort}}/{{model}}/seed_{{seed}}/fold_{{fold}}/metrics.json",
         embeddings=f"{RESULTS}/{{eval_cohort}}/ood/{{cohort}}/{{model}}/seed_{{seed}}/fold_{{fold}}/embeddings.npz",
+        predictions=f"{RESULTS}/{{eval_cohort}}/ood/{{cohort}}/{{model}}/seed_{{seed}}/fold_{{fold}}/predictions.parquet",
     log:
         "logs/evaluate_ood/{eval_cohort}/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     conda:

@@ -13,7 +13,7 @@ try:  # tests/ is a package in this repo; fall back to rootdir-relative imports 
 except ImportError:
     from test_training import _registry_without_missing_modules, make_cohort, prepare_env, run_args  # noqa: F401
 
-from modaltune import evaluation
+from modaltune import evaluation, probes
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def _eval(c, run_dir, out, **kw):
     return evaluation.evaluate_run(run_dir=run_dir, cases_path=c["cases_path"], splits_path=c["splits_path"], fold=0,
                                    pathways_path=c["pathways_path"], feature_files=c["feature_files"],
                                    sheet=c["sheet"], out_metrics=out / "metrics.json",
-                                   out_embeddings=out / "embeddings.npz", **kw)
+                                   out_embeddings=out / "embeddings.npz", out_predictions=out / "predictions.parquet",
+                                   eval_cohort=kw.pop("eval_cohort", c["cohort"]), **kw)
 
 
 def test_metrics_schema_and_embeddings(trained, tmp_path):
@@ -59,7 +60,7 @@ def test_metrics_schema_and_embeddings(trained, tmp_path):
 def test_probes_never_see_test_labels(trained, tmp_path, monkeypatch):
     c, run = trained
     seen = []
-    real_lr, real_cox = evaluation.fit_lr_probe, evaluation.fit_cox_probe
+    real_lr, real_cox = probes.fit_lr_probe, probes.fit_cox_probe
 
     def spy_lr(x, y, **kw):
         seen.append(("lr", len(x)))
@@ -69,8 +70,8 @@ def test_probes_never_see_test_labels(trained, tmp_path, monkeypatch):
         seen.append(("cox", len(x)))
         return real_cox(x, t, e, **kw)
 
-    monkeypatch.setattr(evaluation, "fit_lr_probe", spy_lr)
-    monkeypatch.setattr(evaluation, "fit_cox_probe", spy_cox)
+    monkeypatch.setattr(probes, "fit_lr_probe", spy_lr)
+    monkeypatch.setattr(probes, "fit_cox_probe", spy_cox)
     base = _eval(c, run, tmp_path / "a")
     n_train = base["n"]["train"]
     assert seen and all(n == n_train for _, n in seen)  # every fit sees exactly the training rows
@@ -112,10 +113,10 @@ def test_cox_probe_fits_and_ranks():
     x = rng.normal(size=(80, 4))
     t = rng.exponential(np.exp(-1.5 * x[:, 0]))
     e = (rng.random(80) < 0.8).astype(float)
-    p = evaluation.fit_cox_probe(x[:60], t[:60], e[:60])
+    p = probes.fit_cox_probe(x[:60], t[:60], e[:60])
     assert p["converged"]
-    assert evaluation.cox_cindex(p, x[60:], t[60:], e[60:]) > 0.65
-    pca = evaluation.fit_cox_probe(x[:60], t[:60], e[:60], pca="auto")
+    assert probes.cox_cindex(p, x[60:], t[60:], e[60:]) > 0.65
+    pca = probes.fit_cox_probe(x[:60], t[:60], e[:60], pca="auto")
     assert pca["pca"] is None or pca["pca"].n_components_ <= max(1, int(e[:60].sum()) // 5)
 
 
@@ -162,7 +163,7 @@ def test_pan_cancer_probes_per_site(tmp_path):
 
 def test_cox_probe_ignores_constant_embedding_dims():
     """Dead ReLU units give constant dims; lifelines' std scaling turned them into NaN fits."""
-    from modaltune.evaluation import cox_cindex, fit_cox_probe
+    from modaltune.probes import cox_cindex, fit_cox_probe
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 16))

@@ -123,6 +123,13 @@ class TinyTestModel(nn.Module):
     def __init__(self, cfg: dict, dims):
         super().__init__()
         self.objective = cfg.get("objective", "text_kl")
+        # Model facts (contract C3), as ModalTune / the baselines declare them.
+        if self.objective == "text_kl":
+            self.token_names, self.text_prompt_index = ("general", "diagnosis", "survival"), (0, 1, 3)
+            self.headline_tokens = {"subtype": "diagnosis", "survival": "survival"}
+        else:
+            self.token_names, self.text_prompt_index = ("embedding",), (0,)
+            self.headline_tokens = {"subtype": "embedding", "survival": "embedding"}
         e = int(cfg.get("embed_dim", E_DIM))
         self.frozen = nn.Linear(dims.feature_dim, dims.feature_dim)
         self.frozen.register_buffer("stat", torch.randn(dims.feature_dim))
@@ -209,7 +216,7 @@ def run_args(c: dict, out_dir, model_cfg=None, train_cfg=None, seed=0, model_nam
                            **(train_cfg or {})},
                 cases_path=c["cases_path"], splits_path=c["splits_path"], fold=0, seed=seed,
                 pathways_path=c["pathways_path"], feature_files=c["feature_files"], sheet=c["sheet"],
-                text_h5=c["text_h5"], out_dir=str(out_dir))
+                text_h5=c["text_h5"], out_dir=str(out_dir), cohort=c["cohort"])
 
 
 @pytest.fixture(scope="module")

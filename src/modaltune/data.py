@@ -20,7 +20,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from modaltune.clinical import apply_covariates
 from modaltune.errors import InputError, LeakageError
+from modaltune.genomics import load_pathways, pathway_index_groups
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,6 @@ def read_text_h5(path) -> tuple[dict[str, int], np.ndarray]:
 
 def load_gene_table(pathways_path) -> tuple[pd.DataFrame, list[str], list[list[int]]]:
     """(patients x genes float32 frame, gene names, pathway index groups) via ``modaltune.genomics``."""
-    from modaltune.genomics import load_pathways, pathway_index_groups
-
     df, groups = load_pathways(pathways_path)
     if "patient_id" in df.columns:
         df = df.set_index("patient_id")
@@ -203,62 +203,28 @@ def place_side_by_side(
 
 
 # ---------------------------------------------------------------------------------------------- dataset
-class PatientDataset(Dataset):
-    """One item per patient of ``fold``'s ``partitions``; features are read lazily with h5py per item.
+class CohortData:
+    """One fold of a cohort, read once: cases, the fold's split, slides per patient, genes and text targets.
 
-    ``gene_scaler`` must be fitted by the caller on the fold's training patients (never val/test);
-    ``covariate_state`` comes from ``modaltune.clinical.encode_covariates`` on training patients.
-    ``max_patches`` subsamples deterministically per (seed, patient, epoch) only when ``train`` is True
-    or ``subsample_eval`` is set; evaluation sees every patch by default.
+    Every HDF5 features file is opened once here (to find usable slides); the partitions' datasets are
+    views of this object (``dataset``), so a training run reads the cohort's tables once.
+    ``drop_without_slides``: patients without a usable slide leave every partition (slide-encoder models
+    cannot embed an empty bag, and all models must share test patients). ``require_rna`` (the paper):
+    patients without RNA leave every partition, for every model alike.
     """
 
-    def __init__(
-        self,
-        cases,
-        splits,
-        fold: int,
-        partitions: list[str],
-        *,
-        feature_files: Sequence[str | os.PathLike],
-        sheet,
-        pathways_path,
-        text_h5=None,
-        gene_scaler=None,
-        covariate_state=None,
-        coords_space: str = "target",
-        slide_gap: int = 1500,
-        max_patches: int | None = 25000,
-        seed: int = 0,
-        train: bool = True,
-        sites: Sequence[str] | None = None,
-        grid_ngrids: int | None = None,
-        grid_tile: int = 256,
-        subsample_eval: bool = False,
-        drop_without_slides: bool = False,
-        gene_table: tuple[pd.DataFrame, list[str], list[list[int]]] | None = None,
-    ):
-        if coords_space not in COORD_SPACES:
-            raise InputError(f"coords_space must be one of {sorted(COORD_SPACES)}, got {coords_space!r}")
-        bad = sorted(set(partitions) - set(PARTITIONS))
-        if bad:
-            raise InputError(f"PatientDataset: unknown partition(s) {bad}; allowed {list(PARTITIONS)}")
+    def __init__(self, cases, splits, fold: int, *, feature_files: Sequence[str | os.PathLike], sheet,
+                 pathways_path=None, gene_table: tuple[pd.DataFrame, list[str], list[list[int]]] | None = None,
+                 text_h5=None, drop_without_slides: bool = False, require_rna: bool = False):
         self.cases = read_cases(cases)
+        self.fold = int(fold)
         split = read_splits(splits, fold)
-        split = split[split["partition"].isin(partitions)]
         unknown = sorted(set(split["patient_id"]) - set(self.cases.index))
         if unknown:
             raise InputError(f"splits fold {fold}: patients {unknown[:5]} are not in cases; rebuild the splits")
-        ids = split["patient_id"].tolist()
-        if sites is not None and "site" in self.cases.columns:
-            ids = [p for p in ids if self.cases.at[p, "site"] in set(sites)]
-        self.patient_ids: list[str] = ids
+        self.split = split
         self.partition = dict(zip(split["patient_id"], split["partition"], strict=True))
-        self.coords_key = COORD_SPACES[coords_space]
-        self.slide_gap, self.max_patches, self.seed, self.train = int(slide_gap), max_patches, int(seed), train
-        self.subsample_eval = subsample_eval
-        self.grid_extent = None if grid_ngrids is None else int(grid_ngrids) * int(grid_tile)
-        self.grid_tile = int(grid_tile)
-        self.epoch = 0
+        ids = split["patient_id"].tolist()
 
         sheet_df = read_sheet(sheet)
         fmap = feature_map(feature_files)
@@ -270,18 +236,125 @@ class PatientDataset(Dataset):
                 else:
                     log.warning("slide %s (patient %s) has no features file; skipped", sid, pid)
         self.feature_dim = feature_dim(list(fmap.values())) if fmap else 0
+        if gene_table is None:
+            if pathways_path is None:
+                raise InputError("CohortData: pass pathways_path (genomics/pathways.parquet) or a loaded gene_table")
+            gene_table = load_gene_table(pathways_path)
+        self.gene_table = gene_table
+        self.genes_df, self.gene_names, self.pathway_groups = gene_table
+
         self.dropped_without_slides: list[str] = []
         if drop_without_slides:
-            # Slide-encoder models cannot embed an empty bag; dropping these patients for every model alike
-            # (a data rule, not a model rule) keeps the test sets of all models identical.
+            # A data rule, not a model rule: the test sets of all models stay identical.
             self.dropped_without_slides = [p for p in ids if not any(map(usable_slide, self.slides[p]))]
             if self.dropped_without_slides:
                 log.warning("%d patient(s) without a usable slide left out: %s", len(self.dropped_without_slides),
                             self.dropped_without_slides[:10])
-            ids = [p for p in ids if p not in set(self.dropped_without_slides)]
-            self.patient_ids = ids
+        self.dropped_without_rna: list[str] = []
+        if require_rna:
+            self.dropped_without_rna = [p for p in ids if p not in self.genes_df.index]
+            if self.dropped_without_rna:
+                log.warning("require_rna: %d patient(s) without RNA left out: %s", len(self.dropped_without_rna),
+                            self.dropped_without_rna[:10])
+        dropped = set(self.dropped_without_slides) | set(self.dropped_without_rna)
+        self.patient_ids: list[str] = [p for p in ids if p not in dropped]
 
-        genes_df, self.gene_names, self.pathway_groups = gene_table or load_gene_table(pathways_path)
+        self.text_rows: dict[str, int] | None = None
+        self.text_emb: np.ndarray | None = None
+        self.text_h5 = text_h5
+        if text_h5 is not None:
+            self.text_rows, self.text_emb = read_text_h5(text_h5)
+
+    def ids(self, partitions: Sequence[str]) -> list[str]:
+        """Kept patients of these partitions, in split order."""
+        bad = sorted(set(partitions) - set(PARTITIONS))
+        if bad:
+            raise InputError(f"unknown partition(s) {bad}; allowed {list(PARTITIONS)}")
+        return [p for p in self.patient_ids if self.partition[p] in set(partitions)]
+
+    def fit_ids(self) -> list[str]:
+        """Training patients that fitted preprocessing sees (gene scaler, covariates, survival bins):
+        the split's train partition, less the patients ``require_rna`` removed."""
+        drop = set(self.dropped_without_rna)
+        return [p for p in self.split.loc[self.split["partition"] == "train", "patient_id"] if p not in drop]
+
+    def dataset(self, partitions: Sequence[str], **view) -> PatientDataset:
+        """A ``PatientDataset`` view of these partitions (keyword options as ``PatientDataset``)."""
+        return PatientDataset.from_cohort(self, list(partitions), **view)
+
+
+class PatientDataset(Dataset):
+    """One item per patient of ``fold``'s ``partitions``; features are read lazily with h5py per item.
+
+    Build it from a loaded cohort (``CohortData(...).dataset(partitions, ...)``) to read the cohort once;
+    the direct constructor loads the cohort itself (same arguments as ``CohortData`` plus the view options).
+    ``gene_scaler`` must be fitted by the caller on the fold's training patients (never val/test);
+    ``covariate_state`` comes from ``modaltune.clinical.encode_covariates`` on training patients.
+    ``max_patches`` subsamples deterministically per (seed, patient, epoch) only when ``train`` is True
+    or ``subsample_eval`` is set; evaluation sees every patch by default. ``use_text`` False leaves the
+    text targets out (zeros of width 0).
+    """
+
+    def __init__(self, cases, splits, fold: int, partitions: list[str], *,
+                 feature_files: Sequence[str | os.PathLike], sheet, pathways_path=None, text_h5=None,
+                 gene_table=None, drop_without_slides: bool = False, require_rna: bool = False, **view):
+        cohort = CohortData(cases, splits, fold, feature_files=feature_files, sheet=sheet,
+                            pathways_path=pathways_path, gene_table=gene_table, text_h5=text_h5,
+                            drop_without_slides=drop_without_slides, require_rna=require_rna)
+        self._init_view(cohort, list(partitions), **view)
+
+    @classmethod
+    def from_cohort(cls, cohort: CohortData, partitions: list[str], **view) -> PatientDataset:
+        self = cls.__new__(cls)
+        Dataset.__init__(self)
+        self._init_view(cohort, partitions, **view)
+        return self
+
+    def _init_view(
+        self,
+        cohort: CohortData,
+        partitions: list[str],
+        *,
+        gene_scaler=None,
+        covariate_state=None,
+        coords_space: str = "target",
+        slide_gap: int = 1500,
+        max_patches: int | None = 25000,
+        seed: int = 0,
+        train: bool = True,
+        sites: Sequence[str] | None = None,
+        grid_ngrids: int | None = None,
+        grid_tile: int = 256,
+        subsample_eval: bool = False,
+        use_text: bool = True,
+    ) -> None:
+        if coords_space not in COORD_SPACES:
+            raise InputError(f"coords_space must be one of {sorted(COORD_SPACES)}, got {coords_space!r}")
+        bad = sorted(set(partitions) - set(PARTITIONS))
+        if bad:
+            raise InputError(f"PatientDataset: unknown partition(s) {bad}; allowed {list(PARTITIONS)}")
+        self.cohort = cohort
+        self.cases = cohort.cases
+        in_parts = [p for p in cohort.split["patient_id"] if cohort.partition[p] in set(partitions)]
+        if sites is not None and "site" in self.cases.columns:
+            in_parts = [p for p in in_parts if self.cases.at[p, "site"] in set(sites)]
+        kept = set(cohort.patient_ids)
+        self.dropped_without_slides = [p for p in in_parts if p in set(cohort.dropped_without_slides)]
+        self.dropped_without_rna = [p for p in in_parts if p in set(cohort.dropped_without_rna)]
+        ids = [p for p in in_parts if p in kept]
+        self.patient_ids: list[str] = ids
+        self.partition = {p: cohort.partition[p] for p in in_parts}
+        self.coords_key = COORD_SPACES[coords_space]
+        self.slide_gap, self.max_patches, self.seed, self.train = int(slide_gap), max_patches, int(seed), train
+        self.subsample_eval = subsample_eval
+        self.grid_extent = None if grid_ngrids is None else int(grid_ngrids) * int(grid_tile)
+        self.grid_tile = int(grid_tile)
+        self.epoch = 0
+        self.slides = {p: cohort.slides[p] for p in ids}
+        self.feature_dim = cohort.feature_dim
+        self.gene_names, self.pathway_groups = cohort.gene_names, cohort.pathway_groups
+
+        genes_df = cohort.genes_df
         present = [p for p in ids if p in genes_df.index]
         self.has_genes = {p: p in genes_df.index for p in ids}
         g = np.zeros((len(ids), len(self.gene_names)), np.float32)
@@ -293,8 +366,6 @@ class PatientDataset(Dataset):
         self.genes = g
 
         if covariate_state is not None:
-            from modaltune.clinical import apply_covariates
-
             x = np.asarray(apply_covariates(self.cases.loc[ids].reset_index(drop=True), covariate_state), np.float32)
             if x.ndim == 1:
                 x = x[:, None]
@@ -310,12 +381,13 @@ class PatientDataset(Dataset):
 
         self.text_dim = 0
         self.text = None
-        if text_h5 is not None:
-            rows, emb = read_text_h5(text_h5)
+        if use_text and cohort.text_emb is not None:
+            rows, emb = cohort.text_rows, cohort.text_emb
             self.text_dim = emb.shape[2]
             missing = [p for p in ids if p not in rows]
             if missing:
-                raise InputError(f"text targets {text_h5}: no row for patients {missing[:5]}; rerun text_targets")
+                raise InputError(f"text targets {cohort.text_h5}: no row for patients {missing[:5]}; "
+                                 "rerun text_targets")
             self.text = emb[[rows[p] for p in ids]]
 
     def set_epoch(self, epoch: int) -> None:
@@ -406,4 +478,4 @@ def collate_patients(items: list[dict]) -> dict:
     }
 
 
-__all__ = ["PatientDataset", "collate_patients", "place_side_by_side", "read_cases", "read_splits"]
+__all__ = ["CohortData", "PatientDataset", "collate_patients", "place_side_by_side", "read_cases", "read_splits"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +31,17 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def file_sha256(path: str | os.PathLike | None) -> str | None:
+    """sha256 of a file read in 1 MiB chunks; None when ``path`` is None or does not exist."""
+    if path is None or not Path(str(path)).exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(obj, target: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ with log_to(snakemake.log[0]):
         sheet=list(snakemake.input.sheets),
         out_metrics=snakemake.output.metrics,
         out_embeddings=snakemake.output.embeddings,
+        out_predictions=snakemake.output.predictions,
         probe_cfg=snakemake.params.probes,
         eval_cohort=snakemake.params.eval_cohort,
     )

@@ -21,4 +21,6 @@ with log_to(snakemake.log[0]):
         sheet=list(snakemake.input.sheets),
         text_h5=snakemake.input.text,
         out_dir=str(Path(snakemake.output.state).parent),
+        cohort=snakemake.wildcards.cohort,
+        probe_lr=snakemake.params.probe_lr,
     )

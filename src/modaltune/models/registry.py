@@ -32,6 +32,27 @@ class ModelDims:
     text_dim: int = 0
 
 
+# Positional grid of models whose slide encoder places tiles on a grid (Prov-GigaPath LongNet: 1000 cells
+# of 256 px); a config's ``backbone.slide_ngrids`` / ``tile_size`` override it. Other models ignore positions.
+GRID_DEFAULTS: dict[str, tuple[int, int]] = {
+    "modaltune": (1000, 256),
+    "slide_encoder_lp": (1000, 256),
+    "slide_encoder_tuned": (1000, 256),
+}
+
+
+def positional_grid(arch: str, cfg: dict) -> tuple[int | None, int]:
+    """(slide_ngrids or None, tile_size) of a model's positional grid; None for models that ignore positions.
+
+    Late fusion keeps its slide encoder's block under ``slide.backbone``.
+    """
+    b = cfg.get("backbone") or (cfg.get("slide") or {}).get("backbone") or {}
+    default_ngrids, default_tile = GRID_DEFAULTS.get(arch, (None, 256))
+    ngrids = b.get("slide_ngrids", cfg.get("slide_ngrids", default_ngrids))
+    tile = b.get("tile_size", cfg.get("tile_size", default_tile))
+    return (None if ngrids is None else int(ngrids)), int(tile)
+
+
 def register_model(name: str):
     """Decorator: ``@register_model("abmil")`` on a builder ``fn(cfg: dict, dims: ModelDims) -> nn.Module``."""
 

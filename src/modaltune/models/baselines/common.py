@@ -152,10 +152,14 @@ class BaselineModel(nn.Module):
     """
 
     embed_dim: int
+    # Model facts read by the trainer and the evaluator: one embedding vector per patient.
+    token_names: tuple[str, ...] = ("embedding",)
+    text_prompt_index: tuple[int, ...] = (0,)
 
     def __init__(self, objective: str):
         super().__init__()
         self.objective = objective
+        self.headline_tokens = {"subtype": "embedding", "survival": "embedding"}
         self.head: TaskHead | None = None
 
     def add_head(self, dims: ModelDims, hidden: int | None = None) -> None:
