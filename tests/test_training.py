@@ -391,3 +391,147 @@ def test_real_modaltune_train_and_evaluate(tmp_path):
                      pathways_path=c["pathways_path"], feature_files=c["feature_files"], sheet=c["sheet"],
                      out_metrics=tmp_path / "m.json", out_embeddings=tmp_path / "e.npz")
     assert set(m["tokens"]) == {"general", "diagnosis", "survival"} and m["arch"] == "modaltune"
+
+
+# --------------------------------------------------------------------------- switches, selection, defaults
+def _schema():
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parents[1] / "config" / "schemas" / "config.schema.yaml").read_text())
+
+
+def test_train_defaults_equal_schema_defaults():
+    from modaltune.training import TRAIN_DEFAULTS
+
+    props = _schema()["properties"]["training"]["properties"]
+    assert set(props) == set(TRAIN_DEFAULTS)  # every key the code reads is in the schema, and back
+    for key, spec in props.items():
+        assert "default" in spec, key
+        assert spec["default"] == pytest.approx(TRAIN_DEFAULTS[key]) if isinstance(spec["default"], float) \
+            else spec["default"] == TRAIN_DEFAULTS[key], key
+
+
+def test_schema_accepts_every_selection_the_code_accepts():
+    from modaltune.training import SELECTIONS
+
+    enum = set(_schema()["properties"]["training"]["properties"]["selection"]["enum"])
+    assert enum == set(SELECTIONS) | {"auto"}
+
+
+def test_reference_schedule_is_the_authors():
+    from modaltune.training import lr_factor
+
+    ref = [lr_factor(e, 15, 10, schedule="reference") for e in range(15)]
+    # method 3.3: e0..e10 = 5e-6 (1 + 1.9 e) for lr 1e-4; e11 = 1e-4; e12 9.05e-5; e13 6.55e-5; e14 3.45e-5
+    np.testing.assert_allclose(ref[:11], [(1 + 1.9 * e) / 20 for e in range(11)])
+    np.testing.assert_allclose(ref[11:], [1.0, 0.9045085, 0.6545085, 0.3454915], rtol=1e-6)
+    ours = [lr_factor(e, 15, 10) for e in range(15)]
+    assert ours[11] < 1.0 and ours[10] == pytest.approx(1.0)  # ours does not repeat the peak
+    from modaltune.errors import InputError
+
+    with pytest.raises(InputError, match="reference"):
+        lr_factor(0, 8, 10, schedule="reference")  # the authors' scheduler is invalid for epochs <= warmup
+
+
+def test_fp16_preset_uses_grad_scaler_without_cuda():
+    from modaltune.runs import amp_settings
+
+    cuda = torch.device("cuda")  # a device object only; nothing runs on it
+    assert amp_settings("fp16", cuda) == (torch.float16, True)
+    assert amp_settings("bf16", cuda) == (torch.bfloat16, False)
+    assert amp_settings("fp32", cuda) == (None, False)
+    assert amp_settings("fp16", torch.device("cpu")) == (None, False)  # CPU stays fp32
+    from modaltune.errors import InputError
+
+    with pytest.raises(InputError, match="precision"):
+        amp_settings("half", cuda)
+
+
+def test_selection_auto_uses_the_models_own_task(cohort, tmp_path):
+    from modaltune.training import HISTORY_COLUMNS, train_run
+
+    cols, crit = {}, {}
+    for objective, want in (("survival", "val_head_cindex"), ("classification", "val_head_bacc"),
+                            ("text_kl", "val_bacc")):
+        res = train_run(**run_args(cohort, tmp_path / objective,
+                                   model_cfg={"arch": "tiny_test", "objective": objective},
+                                   train_cfg={"epochs": 3, "val_cindex": False}))
+        hist = pd.read_parquet(tmp_path / objective / "history.parquet")
+        cols[objective] = list(hist.columns)
+        crit[objective] = res["selection"]["criterion"]
+        assert crit[objective] == want and set(hist["criterion"]) == {want}
+        scores = hist[want].to_numpy()
+        np.testing.assert_allclose(hist["selection_score"], scores)
+        if np.isfinite(scores).any():  # best = last maximum (ties -> later epoch)
+            assert res["best_epoch"] == int(len(scores) - 1 - np.nanargmax(scores[::-1]))
+        if objective == "survival":
+            assert hist["val_head_cindex"].notna().all() and hist["val_head_bacc"].isna().all()
+        if objective == "classification":
+            assert hist["val_head_bacc"].notna().all() and hist["val_head_cindex"].isna().all()
+    assert all(c == HISTORY_COLUMNS + ["criterion"] for c in cols.values())  # one column set for all models
+
+
+def test_explicit_selection_checked_against_objective():
+    from modaltune.errors import InputError
+    from modaltune.training import resolve_selection
+
+    assert resolve_selection("loss", "survival") == "val_loss"
+    assert resolve_selection("bacc", "survival") == "val_bacc"
+    assert resolve_selection("auto", "none") is None
+    with pytest.raises(InputError, match="head_bacc"):
+        resolve_selection("head_bacc", "survival")
+    with pytest.raises(InputError, match="selection"):
+        resolve_selection("auroc", "text_kl")
+
+
+def test_head_counts_classes_of_the_task(tmp_path):
+    """Two classes + unlabelled (-1) patients -> 2 outputs; labels with a gap are refused."""
+    from modaltune.errors import InputError
+    from modaltune.runs import task_classes
+    from modaltune.training import train_run
+
+    cases = pd.DataFrame({"label": [0, 1, 1, -1, np.nan, 0]})
+    assert task_classes(cases) == 2
+    assert task_classes(pd.DataFrame({"label": [0, 1, 2, -1]})) == 3
+    with pytest.raises(InputError, match="0..K-1"):
+        task_classes(pd.DataFrame({"label": [1, 2, -1]}))
+    c = make_cohort(tmp_path, n_patients=20)
+    train_run(**run_args(c, tmp_path / "run", model_cfg={"arch": "tiny_test", "objective": "classification"},
+                         train_cfg={"epochs": 1}))
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert state["dims"]["n_classes"] == 2 and state["trainable"]["head.weight"].shape[0] == 2
+
+
+def test_require_rna_drops_patients_without_rna_everywhere(cohort):
+    from modaltune.data import CohortData
+
+    no_rna = cohort["ids"][-1]  # make_cohort: the last patient has no RNA
+    kw = dict(feature_files=cohort["feature_files"], sheet=cohort["sheet"], pathways_path=cohort["pathways_path"])
+    kept = CohortData(cohort["cases_path"], cohort["splits_path"], 0, **kw)
+    paper = CohortData(cohort["cases_path"], cohort["splits_path"], 0, require_rna=True, **kw)
+    assert no_rna in kept.patient_ids and no_rna not in paper.patient_ids
+    assert paper.dropped_without_rna == [no_rna]
+    assert set(kept.patient_ids) - set(paper.patient_ids) == {no_rna}
+    for parts in (["train"], ["val"], ["test"]):
+        assert no_rna not in paper.dataset(parts).patient_ids
+    if kept.partition[no_rna] == "train":
+        assert no_rna not in paper.fit_ids() and no_rna in kept.fit_ids()
+
+
+def test_cohort_loaded_once_per_run(cohort, tmp_path, monkeypatch):
+    """Every features file is opened once to find usable slides (not once per partition dataset)."""
+    from modaltune import data
+    from modaltune.training import train_run
+
+    opened = []
+    real = data.usable_slide
+
+    def spy(path):
+        opened.append(path)
+        return real(path)
+
+    monkeypatch.setattr(data, "usable_slide", spy)
+    train_run(**run_args(cohort, tmp_path, train_cfg={"epochs": 1}))
+    assert opened and len(opened) == len(set(opened))  # three partition datasets, one read of each file
+    first_slides = {f for f in cohort["feature_files"] if f.endswith("-DX1.h5")}
+    assert first_slides <= set(opened)  # every patient's slides were checked
