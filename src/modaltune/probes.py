@@ -18,6 +18,7 @@ from lifelines.utils import concordance_index
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -39,7 +40,7 @@ def fit_lr_probe(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0, max_it
     ``mode="standard"``: StandardScaler + lbfgs multinomial LogisticRegression (max_iter ``max_iter``).
     ``mode="paper"``: the authors' evaluation (method 3.4): raw (unstandardised) embeddings,
     ``LogisticRegression(solver="liblinear", max_iter=200, random_state=0)``; liblinear fits one binary
-    problem per class (one-vs-rest) for more than two classes. No class weights in either mode.
+    problem per class (one-vs-rest, ``OneVsRestClassifier``) for more than two classes. No class weights in either mode.
     """
     if mode not in LR_MODES:
         raise InputError(f"probes.lr={mode!r}: use one of {list(LR_MODES)}")
@@ -50,6 +51,8 @@ def fit_lr_probe(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0, max_it
         warnings.simplefilter("ignore")  # lbfgs / liblinear iteration warnings on tiny folds
         if mode == "paper":
             model = LogisticRegression(solver="liblinear", max_iter=200, random_state=0)
+            if len(np.unique(y_train[keep])) > 2:  # liblinear is binary: one-vs-rest as older sklearn did
+                model = OneVsRestClassifier(model)
         else:
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
         model.fit(x_train[keep], y_train[keep])
