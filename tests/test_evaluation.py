@@ -353,8 +353,9 @@ def test_cox_pca_setting(monkeypatch):
 
 
 def test_probe_defaults_equal_schema_defaults():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "config" / "schemas" / "config.schema.yaml").read_text())
     props = schema["properties"]["probes"]["properties"]
