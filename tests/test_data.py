@@ -139,3 +139,25 @@ def test_sheet_list_and_dataframe_equivalent(cohort):
     b = _ds({**cohort, "sheet": [cohort["sheet"]]}, parts=("val",))
     c = _ds({**cohort, "sheet": pd.read_csv(cohort["sheet"], sep="\t")}, parts=("val",))
     assert a.slides == b.slides == c.slides
+
+
+def test_cohort_views_equal_direct_datasets(cohort):
+    """A cohort read once (CohortData) gives partition views identical to separately built datasets."""
+    from modaltune.data import CohortData
+
+    scaler, cov = _fitted(cohort)
+    data = CohortData(cohort["cases_path"], cohort["splits_path"], 0, feature_files=cohort["feature_files"],
+                      sheet=cohort["sheet"], pathways_path=cohort["pathways_path"], text_h5=cohort["text_h5"],
+                      drop_without_slides=True)
+    for parts in (["train"], ["val"], ["test"], ["train", "val", "test"]):
+        view = data.dataset(parts, gene_scaler=scaler, covariate_state=cov, max_patches=None, train=False)
+        direct = _ds(cohort, parts=parts, drop_without_slides=True, max_patches=None, train=False)
+        assert view.patient_ids == direct.patient_ids
+        assert view.dropped_without_slides == direct.dropped_without_slides
+        for i in range(len(view)):
+            a, b = view[i], direct[i]
+            for k in ("features", "coords", "genes", "clinical", "text"):
+                assert torch.equal(a[k], b[k]), (parts, i, k)
+    assert set(data.ids(["train"])) | set(data.ids(["val"])) | set(data.ids(["test"])) == set(data.patient_ids)
+    no_text = data.dataset(["val"], gene_scaler=scaler, covariate_state=cov, use_text=False)
+    assert no_text[0]["text"].shape == (4, 0)
