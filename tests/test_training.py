@@ -535,3 +535,27 @@ def test_cohort_loaded_once_per_run(cohort, tmp_path, monkeypatch):
     assert opened and len(opened) == len(set(opened))  # three partition datasets, one read of each file
     first_slides = {f for f in cohort["feature_files"] if f.endswith("-DX1.h5")}
     assert first_slides <= set(opened)  # every patient's slides were checked
+
+
+def test_positional_grid_is_a_model_fact():
+    from modaltune.models import positional_grid
+
+    assert positional_grid("modaltune", {}) == (1000, 256)  # Prov-GigaPath default
+    assert positional_grid("slide_encoder_lp", {"backbone": {"slide_ngrids": 500, "tile_size": 512}}) == (500, 512)
+    assert positional_grid("abmil", {}) == (None, 256)  # ignores positions
+    assert positional_grid("late_fusion", {"slide": {"backbone": {"slide_ngrids": 200}}}) == (200, 256)
+
+
+@pytest.mark.skipif(not _has_real_model_modules(), reason="colleagues' model modules not there yet")
+def test_model_facts_on_real_models():
+    from modaltune.models import ModelDims, build_model
+    from modaltune.models.modaltune import demo_config
+
+    dims = ModelDims(feature_dim=D, n_genes=N_PATHWAYS * GENES_PER_PW,
+                     pathway_groups=[list(range(k * GENES_PER_PW, (k + 1) * GENES_PER_PW)) for k in range(N_PATHWAYS)],
+                     text_dim=T_DIM)
+    mt = build_model("modaltune", demo_config(), dims)
+    assert mt.token_names == ("general", "diagnosis", "survival") and mt.text_prompt_index == (0, 1, 3)
+    assert mt.headline_tokens == {"subtype": "diagnosis", "survival": "survival"}
+    ab = build_model("abmil", {"objective": "classification", "hidden": 8, "attn_dim": 4}, dims)
+    assert ab.token_names == ("embedding",) and ab.headline_tokens["subtype"] == "embedding"
