@@ -310,7 +310,7 @@ def weighted_bacc(w: np.ndarray, y: np.ndarray, pred: np.ndarray) -> np.ndarray:
 def _weighted_binary_auc(w: np.ndarray, pos: np.ndarray, neg: np.ndarray, score: np.ndarray) -> np.ndarray:
     gt = (score[:, None] > score[None, :]).astype(float) + 0.5 * (score[:, None] == score[None, :])
     pair = np.outer(pos, neg) * gt
-    num = np.einsum("bi,ij,bj->b", w, pair, w)
+    num = ((w @ pair) * w).sum(1)
     den = (w @ pos.astype(float)) * (w @ neg.astype(float))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
@@ -334,8 +334,8 @@ def weighted_cindex(w: np.ndarray, times: np.ndarray, risk: np.ndarray, events: 
     # lifelines: a death at t_i is comparable to a later time, and to a censoring at the same time.
     comparable = (e[:, None] > 0) & ((t[:, None] < t[None, :]) | ((t[:, None] == t[None, :]) & (e[None, :] == 0)))
     conc = comparable * ((r[:, None] > r[None, :]) + 0.5 * (r[:, None] == r[None, :]))
-    num = np.einsum("bi,ij,bj->b", w, conc.astype(float), w)
-    den = np.einsum("bi,ij,bj->b", w, comparable.astype(float), w)
+    num = ((w @ conc.astype(float)) * w).sum(1)  # sum_ij w_i w_j conc_ij per resample (a BLAS matmul)
+    den = ((w @ comparable.astype(float)) * w).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
 
