@@ -378,3 +378,27 @@ def test_same_config_and_seed_give_identical_metrics_json(tmp_path):
     assert texts[0] == texts[1]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "eval" / "predictions.parquet"),
                                   pd.read_parquet(tmp_path / "b" / "eval" / "predictions.parquet"))
+
+
+def test_require_rna_drops_the_same_patients_in_training_and_evaluation(tmp_path):
+    from modaltune.training import train_run
+
+    c = make_cohort(tmp_path, n_patients=20)
+    no_rna = c["ids"][-1]
+    out = {}
+    for flag in (False, True):
+        run = tmp_path / f"rna_{flag}"
+        with pytest.MonkeyPatch.context() as mp:
+            prepare_env(mp)
+            train_run(**run_args(c, run, model_cfg={"arch": "tiny_test", "objective": "survival"},
+                                 train_cfg={"epochs": 1, "require_rna": flag}))
+        out[flag] = _eval(c, run, run / "eval")
+    split = pd.read_parquet(c["splits_path"])
+    part = split.set_index("patient_id").loc[no_rna, "partition"]
+    assert out[True]["n"][part] == out[False]["n"][part] - 1
+    for p in ("train", "val", "test"):
+        if p != part:
+            assert out[True]["n"][p] == out[False]["n"][p]
+    preds = pd.read_parquet(tmp_path / "rna_True" / "eval" / "predictions.parquet")
+    assert no_rna not in set(preds["patient_id"])
+    assert any("require_rna" in n for n in out[True]["notes"])
