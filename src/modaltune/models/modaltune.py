@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 TASK_NAMES = ("General", "Diagnosis", "Survival")
 # Task tokens -> which of the four text prompts (General, Diagnosis, Stage, Survival) each one targets.
 _TOKENS_BY_NUM_TASKS = {
+    1: (("general",), (0,)),
+    2: (("general", "diagnosis"), (0, 1)),
     3: (("general", "diagnosis", "survival"), (0, 1, 3)),
     4: (("general", "diagnosis", "stage", "survival"), (0, 1, 2, 3)),
 }
@@ -149,10 +151,12 @@ class ModalTune(nn.Module):
         self.use_clinical = bool(cfg["use_clinical"])
         self.num_tasks = int(cfg["num_tasks"])
         if self.num_tasks not in _TOKENS_BY_NUM_TASKS:
-            raise InputError(f"model config num_tasks={self.num_tasks}: use 3 (General, Diagnosis, Survival) or 4")
+            raise InputError(f"model config num_tasks={self.num_tasks}: use 1-4 task tokens (there are four text "
+                             "prompts; the paper: 3 = General, Diagnosis, Survival)")
         # Model facts read by the trainer and the evaluator (no name lists elsewhere).
         self.token_names, self.text_prompt_index = _TOKENS_BY_NUM_TASKS[self.num_tasks]
-        self.headline_tokens = {"subtype": "diagnosis", "survival": "survival"}
+        self.headline_tokens = {t: n for t, n in (("subtype", "diagnosis"), ("survival", "survival"))
+                                if n in self.token_names}
         self.token_agg = cfg["token_agg"]
         self.frozen_dropout = bool(acfg["frozen_dropout"])
         self.grad_checkpointing = bool(cfg["grad_checkpointing"])
