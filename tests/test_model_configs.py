@@ -19,6 +19,7 @@ from modaltune.errors import InputError
 from modaltune.models import ModelDims, build_model
 from modaltune.models.configs import (
     ARCH_DEFAULTS,
+    backbone_grid,
     is_demo_cohort,
     model_config,
     paper_config,
@@ -259,3 +260,52 @@ def test_slide_encoder_baselines_with_titan_backbone_get_titan_grid():
     cfg["models"]["gigapath_lp"]["backbone"] = {"type": "titan"}
     block = model_config(cfg, "gigapath_lp", "REAL")
     assert block["backbone"]["tile_size"] == 512 and grid_of(block)[1] == 512
+
+
+def test_backbone_grid_reads_raw_blocks_against_the_encoder_type():
+    assert backbone_grid("modaltune", {"backbone": {"type": "titan"}}) == (1000, 512)
+    assert backbone_grid("modaltune", {}) == (1000, 256)
+    assert backbone_grid("slide_encoder_lp", {"backbone": {"tile_size": 128}}) == (1000, 128)
+    assert backbone_grid("late_fusion", {"slide_side": "slide_encoder",
+                                         "slide": {"backbone": {"type": "titan"}}}) == (1000, 512)
+    assert backbone_grid("abmil", {}) == (None, 256)
+    # a resolved block gives what the encoder is built with
+    block = model_config(_titan_workflow_cfg("level0"), "modaltune", "REAL")
+    assert backbone_grid("modaltune", block) == grid_of(block) == (1000, 1024)
+
+
+# ---------------------------------------------------------------------------------- issue 14: import tree
+def _package_imports(path: Path, package: str) -> set[str]:
+    import ast
+
+    mods = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
+            mods.add(node.module)
+        elif isinstance(node, ast.Import):
+            mods |= {a.name for a in node.names if a.name.startswith(package)}
+    return mods
+
+
+def test_models_import_graph_has_no_cycle():
+    """Every import between modaltune.models modules (module- and function-level) forms a DAG."""
+    import graphlib
+
+    root = ROOT / "src/modaltune/models"
+    graph = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(ROOT / "src").with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        graph[name] = {m for m in _package_imports(path, "modaltune.models") if m != name}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
+    assert "modaltune.models.modaltune" not in graph["modaltune.models.titan"]
+    assert "modaltune.models.modaltune" not in graph["modaltune.models.baselines.slide_encoder"]
+
+
+def test_configs_module_is_torch_free():
+    import subprocess
+    import sys
+
+    code = "import sys, modaltune.models.configs; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ,
+                                                                  "PYTHONPATH": str(ROOT / "src")})

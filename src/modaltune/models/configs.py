@@ -204,6 +204,20 @@ def tile_size_for(kind: str, coords_space: str, patch_size: int, target_mpp: flo
     return int(patch_size)
 
 
+def backbone_grid(arch: str, cfg: dict | None) -> tuple[int | None, int]:
+    """(slide_ngrids, tile_size) of the slide encoder in a model block (raw or resolved), read against the
+    defaults of its encoder type; (None, 256) for models without a slide encoder (positions unused)."""
+    cfg = dict(cfg or {})
+    if arch in SLIDE_ENCODER_ARCHS:
+        b = backbone_config(cfg.get("backbone"))
+    elif arch == "late_fusion" and cfg.get("slide_side", "abmil") == "slide_encoder":
+        b = backbone_config((cfg.get("slide") or {}).get("backbone"))
+    else:
+        return None, int(cfg.get("tile_size", longnet_backbone()["tile_size"]))
+    ngrids = b.get("slide_ngrids")
+    return (None if ngrids is None else int(ngrids)), int(b["tile_size"])
+
+
 def is_demo_cohort(config: dict, cohort: str | None) -> bool:
     """True for a generated demo cohort (``cohorts.<c>.demo``) or a pan-cancer cohort made only of them."""
     if cohort is None:
@@ -265,7 +279,7 @@ def model_config(config: dict, name: str, cohort: str | None = None) -> dict:
 
 
 __all__ = [
-    "ARCH_DEFAULTS", "BACKBONE_TYPES", "GIGAPATH_DILATED_RATIOS", "GIGAPATH_SEGMENT_LENGTHS",
+    "ARCH_DEFAULTS", "BACKBONE_TYPES", "backbone_grid", "GIGAPATH_DILATED_RATIOS", "GIGAPATH_SEGMENT_LENGTHS",
     "SLIDE_ENCODER_ARCHS", "SURVPATH_VARIANTS", "arch_config", "backbone_config", "backbone_defaults",
     "demo_config", "is_demo_cohort", "longnet_backbone", "merge_config", "model_config", "modaltune_config",
     "modaltune_defaults", "paper_config", "tile_size_for", "titan_backbone", "titan_config",
