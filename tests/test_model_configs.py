@@ -27,7 +27,19 @@ from modaltune.models.configs import (
     titan_config,
 )
 from modaltune.models.modaltune import ModalTune
-from modaltune.training import grid_of
+
+try:  # contract C3: the grid reader moves from training.grid_of to modaltune.models.positional_grid
+    from modaltune.models import positional_grid
+except ImportError:  # pragma: no cover - before that move
+    from modaltune.training import grid_of as _grid_of
+
+    def positional_grid(arch: str, cfg: dict):
+        return _grid_of(cfg)
+
+
+def grid_of(block: dict):
+    """The positional grid the workflow uses for this (resolved) block."""
+    return positional_grid(block.get("arch", "modaltune"), block)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "config/schemas/config.schema.yaml")
