@@ -13,6 +13,7 @@ from modaltune.workflow import (
     target_cohorts,
     target_models,
 )
+from modaltune.models.configs import model_config
 
 RESULTS = config.get("results_dir", "results")
 ENCODER = config["embedding"]["encoder"]

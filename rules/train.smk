@@ -18,7 +18,7 @@ rule train:
     resources:
         gpu=1,
     params:
-        model_cfg=lambda wc: config["models"][wc.model],
+        model_cfg=lambda wc: model_config(config, wc.model, wc.cohort),
         train_cfg=config["training"],
         probe_lr=config["probes"].get("lr", "standard"),
     script:

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import modaltune.models.baselines as baselines
 from modaltune.errors import InputError
@@ -33,6 +33,7 @@ CONFIGS: dict[str, dict] = {
     "gene_mixer": {"latent_dim": 16, "depth": 2, "out_dim": 32},
     "mcat": {"dim": 32, "num_heads": 4, "n_layers": 1},
     "survpath": {"dim": 32},
+    "survpath_ours": {"dim": 32, "variant": "ours", "attn_dropout": 0.1},
     "late_fusion": {"slide_side": "abmil", "slide": {"hidden": 32, "attn_dim": 16}, "gene_side": "snn",
                     "genes": {"hidden": [32, 32]}},
     "late_fusion_transmil": {"slide_side": "transmil", "slide": {"hidden": 32, "num_heads": 4},
@@ -43,9 +44,9 @@ CONFIGS: dict[str, dict] = {
     "slide_encoder_tuned": {"backbone": TINY_LONGNET, "activation_checkpointing": True},
 }
 SUPERVISED = list(CONFIGS)
-USES_PATCHES = ["abmil", "transmil", "mcat", "survpath", "late_fusion", "late_fusion_transmil",
+USES_PATCHES = ["abmil", "transmil", "mcat", "survpath", "survpath_ours", "late_fusion", "late_fusion_transmil",
                 "late_fusion_slide_encoder", "slide_encoder_tuned"]
-USES_GENES = ["mlp", "snn", "gene_mixer", "mcat", "survpath", "late_fusion", "late_fusion_transmil",
+USES_GENES = ["mlp", "snn", "gene_mixer", "mcat", "survpath", "survpath_ours", "late_fusion", "late_fusion_transmil",
               "late_fusion_slide_encoder"]
 
 
@@ -83,6 +84,8 @@ def _one_thread():
 
 
 def _arch(name: str) -> str:
+    if name.startswith("survpath"):
+        return "survpath"
     return "late_fusion" if name.startswith("late_fusion") else name
 
 
@@ -215,6 +218,68 @@ def test_interaction_attention_equals_full_masked_attention():
     ref = attn.out((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
     torch.testing.assert_close(p_out, ref[:, :3], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x_out, ref[:, 3:], rtol=1e-5, atol=1e-6)
+
+
+def _full_masked_attention(qkv: nn.Linear, x: Tensor, n_path: int, mask: Tensor, heads: int) -> Tensor:
+    """SurvPath's attention written as one softmax over all tokens with the allowed-pairs matrix."""
+    b, n, _ = x.shape
+    dh = qkv.out_features // (3 * heads)
+    q, k, v = qkv(x).view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
+    allowed = torch.zeros(b, n, n, dtype=torch.bool)
+    allowed[:, :n_path, :n_path] = True
+    allowed[:, :n_path, n_path:] = mask[:, None, :]
+    allowed[:, n_path:, :n_path] = True
+    scores = (q @ k.transpose(-1, -2)) / dh**0.5
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+def test_survpath_published_layer_matches_the_published_formula():
+    dim = 16
+    model = _REGISTRY["survpath"]({"arch": "survpath", "objective": "survival", "dim": dim}, DIMS).eval()
+    assert model.variant == "published"
+    # no output projection, attention width dim/2 (1 head of dim/2), FF mult 1, LayerNorm(dim/2), head dim -> dim/4
+    assert isinstance(model.attn.out, nn.Identity) and model.attn.qkv.out_features == 3 * dim // 2
+    lin = [m for m in model.ff if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lin] == [(dim // 2, dim // 2)] * 2
+    assert model.norm_out.normalized_shape == (dim // 2,) and model.embed_dim == dim
+    head = [m for m in model.head.net if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in head] == [(dim, dim // 4), (dim // 4, DIMS.n_bins)]
+    batch = make_batch(n_real=(12, 7, 3), has_genes=(True, False, True))
+    with torch.no_grad():
+        got = model.embed(batch)
+        feats, mask = batch["features"], batch["patch_mask"]
+        path = model.no_genes(model.towers(batch["genes"]), batch["has_genes"])
+        x = torch.cat([path, model.wsi_projection(feats)], 1)
+        attn = _full_masked_attention(model.attn.qkv, model.norm_attn(x), N_PATH, mask, heads=1)
+        ln, fc1, _, _, fc2 = model.ff
+        y = F.layer_norm(fc2(F.gelu(fc1(ln(attn)))), (dim // 2,), model.norm_out.weight, model.norm_out.bias)
+        m = mask.float().unsqueeze(-1)
+        want = torch.cat([y[:, :N_PATH].mean(1), (y[:, N_PATH:] * m).sum(1) / m.sum(1)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # an embedding with residuals (today's variant) would differ
+    ours = _REGISTRY["survpath"]({"objective": "survival", "dim": dim, "variant": "ours"}, DIMS)
+    assert ours.embed_dim == 2 * dim and isinstance(ours.attn.out, nn.Sequential)
+    assert [m.out_features for m in ours.ff if isinstance(m, nn.Linear)] == [4 * dim, dim]
+    with pytest.raises(InputError, match="variant"):
+        _REGISTRY["survpath"]({"objective": "survival", "variant": "fancy"}, DIMS)
+
+
+def test_coattention_has_no_attention_dropout_unless_configured():
+    mcat = _REGISTRY["mcat"]({"objective": "survival", "dim": 16, "num_heads": 2, "n_layers": 1}, DIMS)
+    survpath = _REGISTRY["survpath"]({"objective": "survival", "dim": 16}, DIMS)
+    assert mcat.coattn.dropout == 0.0 and survpath.attn.attn_dropout == 0.0
+    q, kv = torch.randn(2, 6, 16), torch.randn(2, 40, 16)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    for attn_dropout, same in ((0.0, True), (0.5, False)):
+        m = _REGISTRY["mcat"]({"objective": "survival", "dim": 16, "num_heads": 2, "n_layers": 1,
+                               "attn_dropout": attn_dropout}, DIMS).train()
+        s = _REGISTRY["survpath"]({"objective": "survival", "dim": 16, "attn_dropout": attn_dropout}, DIMS).train()
+        torch.manual_seed(1)
+        a1 = m.coattn(q, kv, kv, need_weights=False)[0], s.attn(q, kv, mask)[0]
+        a2 = m.coattn(q, kv, kv, need_weights=False)[0], s.attn(q, kv, mask)[0]
+        for x, y in zip(a1, a2, strict=True):
+            assert torch.equal(x, y) is same, attn_dropout
 
 
 def test_bad_configs_raise_input_error():

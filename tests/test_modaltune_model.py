@@ -234,7 +234,7 @@ def test_paper_configuration_trainable_parameters_match_hand_count():
 
 # ----------------------------------------------------------------------------- TITAN backbone
 def _titan_cfg() -> dict:
-    from modaltune.models.titan import titan_config
+    from modaltune.models.configs import titan_config
 
     return merge_config({"backbone": {"embed_dim": 64, "num_heads": 4, "tile_size": 256},
                          "adapter": {"num_heads": 4}, "genes": {"latent_dim": 16, "final_groups": 8}},
@@ -292,7 +292,7 @@ def test_titan_modaltune_batched_equals_per_patient():
 
 @pytest.mark.slow
 def test_titan_paper_configuration_trainable_parameters():
-    from modaltune.models.titan import titan_config
+    from modaltune.models.configs import titan_config
 
     dims = ModelDims(feature_dim=768, n_genes=9731, pathway_groups=_paper_groups())
     model = ModalTune(titan_config(), dims)

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-dir", required=True)
         if name == "train":
             p.add_argument("--text", required=True)
+            p.add_argument("--cohort", default=None,
+                           help="cohort name in the config: a demo cohort gets the demo_models sizes (default: none, "
+                                "paper sizes)")
 
     p = _add(sub, "aggregate", "summary tables + plots from metrics.json files")
     p.add_argument("metrics", nargs="+")
@@ -168,9 +171,11 @@ def run(args: argparse.Namespace) -> None:
         common = dict(cases_path=args.cases, splits_path=args.splits, fold=args.fold,
                       pathways_path=args.pathways, feature_files=args.features, sheet=args.sheet)
         if cmd == "train":
+            from modaltune.models.configs import model_config
             from modaltune.training import train_run
 
-            train_run(model_name=args.model, model_cfg=cfg["models"][args.model], train_cfg=cfg["training"],
+            train_run(model_name=args.model, model_cfg=model_config(cfg, args.model, args.cohort),
+                      train_cfg=cfg["training"],
                       seed=args.seed, text_h5=args.text, out_dir=args.run_dir, **common)
         else:
             from modaltune.evaluation import evaluate_run

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Published Prov-GigaPath geometry (max_wsi_size 262144, tile 256): 2**linspace(10, 20, 5), truncated.
-GIGAPATH_SEGMENT_LENGTHS = (1024, 5792, 32768, 185363, 1048576)
-GIGAPATH_DILATED_RATIOS = (1, 2, 4, 8, 16)
+from modaltune.models.configs import GIGAPATH_DILATED_RATIOS, GIGAPATH_SEGMENT_LENGTHS
+
 UNCOVERED_LSE = -1e8
 
 BACKENDS = ("auto", "reference", "cpu_flash", "cuda_efficient", "flash_attn")

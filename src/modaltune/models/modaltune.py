@@ -13,7 +13,6 @@ the authors' architecture (K*768 + 768 values).
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -23,9 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from modaltune.errors import InputError
 from modaltune.models.adapter import ModalAdapter, init_linear_ln
-from modaltune.models.dilated_attention import GIGAPATH_DILATED_RATIOS, GIGAPATH_SEGMENT_LENGTHS
+from modaltune.models.backbones import build_backbone
+from modaltune.models.configs import demo_config, merge_config, modaltune_config, paper_config, titan_config
 from modaltune.models.gene_encoder import GeneMixerEncoder
-from modaltune.models.longnet import LongNetViT, load_slide_encoder_checkpoint
 from modaltune.models.registry import ModelDims, register_model
 
 log = logging.getLogger(__name__)
@@ -40,98 +39,6 @@ _TOKENS_BY_NUM_TASKS = {
 }
 
 
-def paper_config() -> dict:
-    """The authors' Prov-GigaPath configuration (gene-only; set use_clinical for the clinical variant)."""
-    return {
-        "backbone": {
-            "type": "longnet",
-            "embed_dim": 768,
-            "depth": 12,
-            "num_heads": 16,
-            "mlp_ratio": 4.0,
-            "segment_lengths": list(GIGAPATH_SEGMENT_LENGTHS),
-            "dilated_ratios": list(GIGAPATH_DILATED_RATIOS),
-            "tile_size": 256,
-            "slide_ngrids": 1000,
-            "dropout": 0.25,
-            "drop_path_rate": 0.1,
-            "checkpoint": None,
-            "interaction_indexes": [[0, 3], [4, 7], [8, 11]],
-            "attention_backend": "auto",
-        },
-        "adapter": {
-            "num_heads": 12,
-            "cffn_ratio": 0.25,
-            "drop_path": None,  # None = the backbone's drop_path_rate (authors)
-            "double_residual": True,
-            "frozen_dropout": True,
-            "use_prompt_sa": True,
-        },
-        "genes": {
-            "latent_dim": 256,
-            "depth": 3,
-            "final_groups": 64,
-            "dropout": 0.25,
-            "token_expansion": 0.5,
-            "channel_expansion": 0.5,
-        },
-        "use_clinical": False,
-        "num_tasks": 3,
-        "token_agg": "sum",
-        "output_dim": 256,
-        "grad_checkpointing": False,
-    }
-
-
-def demo_config() -> dict:
-    """A tiny configuration for the demo cohort and tests (forward+backward well under 1 s on CPU)."""
-    cfg = paper_config()
-    cfg["backbone"].update(
-        embed_dim=64, depth=4, num_heads=4, segment_lengths=[16, 64], dilated_ratios=[1, 2],
-        interaction_indexes=[[0, 1], [2, 2], [3, 3]], dropout=0.1, drop_path_rate=0.1,
-    )
-    cfg["adapter"].update(num_heads=4)
-    cfg["genes"].update(latent_dim=32, depth=2, final_groups=8)
-    return cfg
-
-
-def merge_config(cfg: dict | None, base: dict | None = None) -> dict:
-    """Overlay ``cfg`` on the paper configuration (nested dicts merged key by key)."""
-    out = copy.deepcopy(base if base is not None else paper_config())
-    for key, val in (cfg or {}).items():
-        if isinstance(val, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_config(val, out[key])
-        else:
-            out[key] = copy.deepcopy(val)
-    return out
-
-
-def build_backbone(bcfg: dict, in_chans: int) -> nn.Module:
-    """The frozen slide encoder named by ``bcfg["type"]``; ``in_chans`` = the patch feature width."""
-    kind = bcfg.get("type", "longnet")
-    if bcfg.get("in_chans") not in (None, in_chans):
-        raise InputError(f"model config backbone.in_chans={bcfg['in_chans']} but the patch features have "
-                         f"{in_chans} columns: set in_chans to null or re-embed with the matching encoder")
-    if kind == "longnet":
-        model = LongNetViT(
-            in_chans=in_chans, embed_dim=bcfg["embed_dim"], depth=bcfg["depth"], num_heads=bcfg["num_heads"],
-            mlp_ratio=bcfg.get("mlp_ratio", 4.0), slide_ngrids=bcfg["slide_ngrids"], tile_size=bcfg["tile_size"],
-            segment_lengths=bcfg["segment_lengths"], dilated_ratios=bcfg["dilated_ratios"],
-            dropout=bcfg["dropout"], drop_path_rate=bcfg["drop_path_rate"],
-            attention_backend=bcfg.get("attention_backend", "auto"),
-        )
-        if bcfg.get("checkpoint"):
-            load_slide_encoder_checkpoint(model, bcfg["checkpoint"])
-        else:
-            log.warning("ModalTune backbone: no checkpoint given, the frozen LongNet is randomly initialised")
-        return model
-    if kind == "titan":
-        from modaltune.models.titan import build_titan_backbone
-
-        return build_titan_backbone(bcfg, in_chans)
-    raise InputError(f"model config backbone.type={kind!r}: use 'longnet' (Prov-GigaPath) or 'titan'")
-
-
 class ModalTune(nn.Module):
     """Frozen slide encoder + Modal Adapter + modal tokens. See module docstring and method 2.
 
@@ -144,7 +51,7 @@ class ModalTune(nn.Module):
 
     def __init__(self, cfg: dict, dims: ModelDims):
         super().__init__()
-        cfg = merge_config(cfg)
+        cfg = modaltune_config(cfg)  # over TITAN's defaults when backbone.type is titan, else GigaPath's
         self.cfg = cfg
         bcfg, acfg, gcfg = cfg["backbone"], cfg["adapter"], cfg["genes"]
         dim = int(bcfg["embed_dim"])
@@ -319,5 +226,10 @@ class ModalTune(nn.Module):
 
 @register_model("modaltune")
 def build_modaltune(cfg: dict, dims: ModelDims) -> ModalTune:
-    """Registry builder: ``cfg`` is overlaid on ``paper_config()``."""
+    """Registry builder: ``cfg`` is overlaid on ``paper_config()`` (``titan_config()`` for a TITAN backbone)."""
     return ModalTune(cfg, dims)
+
+
+# Re-exported: the configurations live in modaltune.models.configs.
+__all__ = ["TASK_NAMES", "ModalTune", "build_backbone", "build_modaltune", "demo_config", "merge_config",
+           "modaltune_config", "paper_config", "titan_config"]

@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from modaltune.models.configs import backbone_grid
+
 # Modules that register models on import; imported lazily so ``import modaltune`` stays torch-free.
 _MODEL_MODULES = (
     "modaltune.models.modaltune",
@@ -32,25 +34,13 @@ class ModelDims:
     text_dim: int = 0
 
 
-# Positional grid of models whose slide encoder places tiles on a grid (Prov-GigaPath LongNet: 1000 cells
-# of 256 px); a config's ``backbone.slide_ngrids`` / ``tile_size`` override it. Other models ignore positions.
-GRID_DEFAULTS: dict[str, tuple[int, int]] = {
-    "modaltune": (1000, 256),
-    "slide_encoder_lp": (1000, 256),
-    "slide_encoder_tuned": (1000, 256),
-}
-
-
 def positional_grid(arch: str, cfg: dict) -> tuple[int | None, int]:
     """(slide_ngrids or None, tile_size) of a model's positional grid; None for models that ignore positions.
 
-    Late fusion keeps its slide encoder's block under ``slide.backbone``.
+    The grid is a fact of the model's slide encoder: read from its (raw or resolved) block against the
+    defaults of its encoder type (``modaltune.models.configs.backbone_grid``).
     """
-    b = cfg.get("backbone") or (cfg.get("slide") or {}).get("backbone") or {}
-    default_ngrids, default_tile = GRID_DEFAULTS.get(arch, (None, 256))
-    ngrids = b.get("slide_ngrids", cfg.get("slide_ngrids", default_ngrids))
-    tile = b.get("tile_size", cfg.get("tile_size", default_tile))
-    return (None if ngrids is None else int(ngrids)), int(tile)
+    return backbone_grid(arch, cfg)
 
 
 def register_model(name: str):

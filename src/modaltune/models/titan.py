@@ -8,9 +8,10 @@ gives the slide vector). Parameter names equal the checkpoint's ``vision_encoder
 removed, e.g. ``blocks.modules_list.{i}.attn.qkv``, ``attn_pool_contrastive.attn.in_proj_weight``.
 
 Input preparation as published: coordinates shifted to their minimum and floor-divided by the patch
-size at the coordinate scale (``tile_size``; the authors hard-code 1024 = 512 px at 0.5 mpp seen at
-level 0 of 40x slides, method 6 bug 4), features of patches in the same cell summed, empty cells
-dropped, tokens in row-major cell order.
+size at the coordinate scale (``tile_size``: 512 = one CONCH v1.5 tile in 0.5-mpp coordinates, our
+default; the authors hard-code 1024 = the same tile at level 0 of 40x slides, method 6 bug 4), features of
+patches in the same cell summed, empty cells dropped, tokens in row-major cell order. Configs and the
+builder: ``modaltune.models.configs.titan_config`` / ``modaltune.models.backbones``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class TitanEncoder(nn.Module):
         depth: int = 6,
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
-        tile_size: int = 1024,
+        tile_size: int = 512,
         attn_pooler_heads: int = 8,
         attn_pooler_queries: int = 128,
         drop_path_rate: float = 0.0,
@@ -213,24 +214,3 @@ def load_titan_checkpoint(model: TitanEncoder, path: str | os.PathLike) -> list[
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
     return other + sorted(set(state) - set(expected))
 
-
-def build_titan_backbone(bcfg: dict, in_chans: int) -> TitanEncoder:
-    model = TitanEncoder(
-        in_chans=in_chans, embed_dim=bcfg.get("embed_dim", 768), depth=bcfg.get("depth", 6),
-        num_heads=bcfg.get("num_heads", 12), mlp_ratio=bcfg.get("mlp_ratio", 4.0),
-        tile_size=bcfg.get("tile_size", 1024), drop_path_rate=bcfg.get("encoder_drop_path_rate", 0.0),
-    )
-    if bcfg.get("checkpoint"):
-        load_titan_checkpoint(model, bcfg["checkpoint"])
-    return model
-
-
-def titan_config() -> dict:
-    """ModalTune with the TITAN backbone (method 2.1/2.3): schedule [[0,1],[2,3],[4,5]], 'cat' head."""
-    from modaltune.models.modaltune import merge_config
-
-    return merge_config({
-        "backbone": {"type": "titan", "embed_dim": 768, "depth": 6, "num_heads": 12, "tile_size": 1024,
-                     "drop_path_rate": 0.2, "checkpoint": None, "interaction_indexes": [[0, 1], [2, 3], [4, 5]]},
-        "token_agg": "cat",
-    })

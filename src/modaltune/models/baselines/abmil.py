@@ -12,6 +12,7 @@ from modaltune.models.baselines.common import (
     objective_of,
     patch_inputs,
 )
+from modaltune.models.configs import arch_config
 from modaltune.models.registry import ModelDims, register_model
 
 _KEYS = {"hidden", "attn_dim", "dropout", "head_hidden"}
@@ -45,9 +46,9 @@ class ABMIL(BaselineModel):
 
 def abmil_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> ABMIL:
     check_keys(cfg, _KEYS)
-    return ABMIL(dims.feature_dim, objective, dims, hidden=int(cfg.get("hidden", 512)),
-                 attn_dim=int(cfg.get("attn_dim", 256)), dropout=float(cfg.get("dropout", 0.25)),
-                 head_hidden=cfg.get("head_hidden"))
+    c = arch_config("abmil", cfg)
+    return ABMIL(dims.feature_dim, objective, dims, hidden=int(c["hidden"]), attn_dim=int(c["attn_dim"]),
+                 dropout=float(c["dropout"]), head_hidden=c["head_hidden"])
 
 
 @register_model("abmil")

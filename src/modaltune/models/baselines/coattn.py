@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modaltune.errors import InputError
 from modaltune.models.baselines.common import (
     BaselineModel,
     GatedAttentionPool,
@@ -22,6 +23,7 @@ from modaltune.models.baselines.common import (
     patch_inputs,
     safe_key_padding,
 )
+from modaltune.models.configs import ARCH_DEFAULTS, SURVPATH_VARIANTS, arch_config
 from modaltune.models.gene_encoder import PathwayTowers
 from modaltune.models.registry import ModelDims, register_model
 
@@ -34,16 +36,18 @@ def _encoder(dim: int, heads: int, dropout: float, n_layers: int) -> nn.Transfor
 
 class MCAT(BaselineModel):
     """Genomic-guided co-attention: pathway tokens query the patch tokens (1 head), then a transformer and
-    gated attention pooling on each side, concatenation and a two-layer fusion MLP."""
+    gated attention pooling on each side, concatenation and a two-layer fusion MLP. ``attn_dropout`` drops
+    co-attention weights (0 as in MCATPathways)."""
 
     def __init__(self, dims: ModelDims, objective: str, dim: int = 256, num_heads: int = 8,
-                 dropout: float = 0.25, n_layers: int = 2, head_hidden: int | None = None):
+                 dropout: float = 0.25, n_layers: int = 2, head_hidden: int | None = None,
+                 attn_dropout: float = 0.0):
         super().__init__(objective)
         self.embed_dim = dim
         self.wsi_net = nn.Sequential(nn.Linear(dims.feature_dim, dim), nn.ReLU(), nn.Dropout(dropout))
         self.towers = PathwayTowers(dims.pathway_groups, latent_dim=dim, dropout=dropout)
         self.no_genes = MissingSlot(self.towers.n_pathways, dim)
-        self.coattn = nn.MultiheadAttention(dim, 1, batch_first=True)
+        self.coattn = nn.MultiheadAttention(dim, 1, dropout=attn_dropout, batch_first=True)
         self.path_transformer = _encoder(dim, num_heads, dropout, n_layers)
         self.path_pool = GatedAttentionPool(dim, dim, dropout)
         self.path_rho = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
@@ -77,14 +81,20 @@ class InteractionAttention(nn.Module):
     Pathway queries see all pathway and real patch keys; patch queries see only pathway keys (no
     patch<->patch attention). Computed as two attention calls, which equals the full masked attention
     while keeping memory linear in the number of patches.
+
+    ``attn_dropout`` drops attention weights (0 = SurvPath's ``MMAttention``, which has none);
+    ``out_proj`` False returns the attended values (width ``heads * dim_head``) without the output
+    projection and its dropout, as published.
     """
 
-    def __init__(self, dim: int, heads: int = 1, dim_head: int | None = None, dropout: float = 0.1):
+    def __init__(self, dim: int, heads: int = 1, dim_head: int | None = None, dropout: float = 0.1,
+                 attn_dropout: float = 0.0, out_proj: bool = True):
         super().__init__()
         dim_head = dim_head or dim // heads
-        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.heads, self.dim_head, self.attn_dropout = heads, dim_head, attn_dropout
+        self.out_dim = dim if out_proj else heads * dim_head
         self.qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
-        self.out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
+        self.out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout)) if out_proj else nn.Identity()
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = x.shape
@@ -94,7 +104,7 @@ class InteractionAttention(nn.Module):
     def forward(self, path: Tensor, patches: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         qp, kp, vp = self._split(path)
         qx, kx, vx = self._split(patches)
-        p = self.dropout if self.training else 0.0
+        p = self.attn_dropout if self.training else 0.0
         path_keys = torch.ones(mask.shape[0], path.shape[1], dtype=torch.bool, device=mask.device)
         allowed = torch.cat([path_keys, mask], dim=1)[:, None, None, :]
         path_out = F.scaled_dot_product_attention(
@@ -105,23 +115,45 @@ class InteractionAttention(nn.Module):
 
 
 class SurvPath(BaselineModel):
-    """Pathway and patch tokens -> one pre-LN transformer layer with the interaction mask -> mean pooling
-    of each side -> concatenation (the embedding) -> MLP head (2*dim -> dim/4 -> out)."""
+    """Pathway and patch tokens -> one transformer layer with the interaction mask -> mean pooling of each
+    side -> concatenation (the embedding) -> MLP head (embedding -> dim/4 -> out).
+
+    ``variant="published"`` (SurvPath repository): LN -> masked attention without output projection
+    (width dim/2 with 1 head of dim/2) -> feed-forward (LN, Linear dim/2 -> dim/2, GELU, Dropout, Linear),
+    no residual connections -> LayerNorm; embedding 2 x dim/2 = dim; head dim -> dim/4 (256 -> 64).
+    ``variant="ours"``: a pre-LN layer with residuals (attention with output projection, then FF x4 with
+    GELU, then LayerNorm); embedding 2 x dim; head 2*dim -> dim/4.
+    """
 
     def __init__(self, dims: ModelDims, objective: str, dim: int = 256, attn_heads: int = 1,
-                 dim_head: int | None = None, dropout: float = 0.1, ff_mult: int = 4,
-                 head_hidden: int | None = None):
+                 dim_head: int | None = None, dropout: float = 0.1, ff_mult: int | None = None,
+                 head_hidden: int | None = None, variant: str = "published", attn_dropout: float = 0.0):
         super().__init__(objective)
-        self.embed_dim = 2 * dim
+        if variant not in SURVPATH_VARIANTS:
+            raise InputError(f"survpath: variant={variant!r}; set models.<name>.variant to one of "
+                             f"{list(SURVPATH_VARIANTS)}")
+        self.variant = variant
+        published = variant == "published"
+        if published and dim % 2:
+            raise InputError(f"survpath: dim={dim} must be even for variant 'published' (attention width dim/2)")
         self.wsi_projection = nn.Linear(dims.feature_dim, dim)
         self.towers = PathwayTowers(dims.pathway_groups, latent_dim=dim, dropout=0.25)
         self.no_genes = MissingSlot(self.towers.n_pathways, dim)
         self.norm_attn = nn.LayerNorm(dim)
-        self.attn = InteractionAttention(dim, attn_heads, dim_head, dropout)
-        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Dropout(dropout),
-                                nn.Linear(ff_mult * dim, dim), nn.Dropout(dropout))
-        self.norm_out = nn.LayerNorm(dim)
-        self.no_patches = MissingSlot(dim)
+        if published:
+            self.attn = InteractionAttention(dim, attn_heads, dim_head or dim // (2 * attn_heads), dropout,
+                                             attn_dropout, out_proj=False)
+            width, mult = self.attn.out_dim, ff_mult or 1
+            self.ff = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, mult * width), nn.GELU(),
+                                    nn.Dropout(dropout), nn.Linear(mult * width, width))
+        else:
+            self.attn = InteractionAttention(dim, attn_heads, dim_head, dropout, attn_dropout)
+            width, mult = dim, ff_mult or 4
+            self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(mult * dim, dim), nn.Dropout(dropout))
+        self.norm_out = nn.LayerNorm(width)
+        self.embed_dim = 2 * width
+        self.no_patches = MissingSlot(width)
         self.add_head(dims, head_hidden if head_hidden is not None else max(1, dim // 4))
 
     def embed(self, batch: dict) -> Tensor:
@@ -133,25 +165,29 @@ class SurvPath(BaselineModel):
         x = torch.cat([path, patches], dim=1)
         h = self.norm_attn(x)
         path_upd, patch_upd = self.attn(h[:, :n_path], h[:, n_path:], mask)
-        x = x + torch.cat([path_upd, patch_upd], dim=1)
-        x = self.norm_out(x + self.ff(x))
+        if self.variant == "published":
+            x = self.norm_out(self.ff(torch.cat([path_upd, patch_upd], dim=1)))
+        else:
+            x = x + torch.cat([path_upd, patch_upd], dim=1)
+            x = self.norm_out(x + self.ff(x))
         h_path = x[:, :n_path].mean(dim=1)
         h_wsi = self.no_patches(masked_mean(x[:, n_path:], mask), mask.any(dim=1))
         return torch.cat([h_path, h_wsi], dim=1)
 
 
 def mcat_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> MCAT:
-    check_keys(cfg, {"dim", "num_heads", "dropout", "n_layers", "head_hidden"})
-    return MCAT(dims, objective, dim=int(cfg.get("dim", 256)), num_heads=int(cfg.get("num_heads", 8)),
-                dropout=float(cfg.get("dropout", 0.25)), n_layers=int(cfg.get("n_layers", 2)),
-                head_hidden=cfg.get("head_hidden"))
+    check_keys(cfg, set(ARCH_DEFAULTS["mcat"]))
+    c = arch_config("mcat", cfg)
+    return MCAT(dims, objective, dim=int(c["dim"]), num_heads=int(c["num_heads"]), dropout=float(c["dropout"]),
+                n_layers=int(c["n_layers"]), head_hidden=c["head_hidden"], attn_dropout=float(c["attn_dropout"]))
 
 
 def survpath_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> SurvPath:
-    check_keys(cfg, {"dim", "attn_heads", "dim_head", "dropout", "ff_mult", "head_hidden"})
-    return SurvPath(dims, objective, dim=int(cfg.get("dim", 256)), attn_heads=int(cfg.get("attn_heads", 1)),
-                    dim_head=cfg.get("dim_head"), dropout=float(cfg.get("dropout", 0.1)),
-                    ff_mult=int(cfg.get("ff_mult", 4)), head_hidden=cfg.get("head_hidden"))
+    check_keys(cfg, set(ARCH_DEFAULTS["survpath"]))
+    c = arch_config("survpath", cfg)
+    return SurvPath(dims, objective, dim=int(c["dim"]), attn_heads=int(c["attn_heads"]), dim_head=c["dim_head"],
+                    dropout=float(c["dropout"]), ff_mult=None if c["ff_mult"] is None else int(c["ff_mult"]),
+                    head_hidden=c["head_hidden"], variant=str(c["variant"]), attn_dropout=float(c["attn_dropout"]))
 
 
 @register_model("mcat")

@@ -15,6 +15,7 @@ from modaltune.models.baselines.common import BaselineModel, check_keys, objecti
 from modaltune.models.baselines.genomic import GENE_SIDES
 from modaltune.models.baselines.slide_encoder import slide_branch_from_cfg
 from modaltune.models.baselines.transmil import transmil_from_cfg
+from modaltune.models.configs import arch_config
 from modaltune.models.registry import ModelDims, register_model
 
 SLIDE_SIDES = {"abmil": abmil_from_cfg, "transmil": transmil_from_cfg, "slide_encoder": slide_branch_from_cfg}
@@ -49,14 +50,13 @@ class LateFusion(BaselineModel):
 def build_late_fusion(cfg: dict, dims: ModelDims) -> LateFusion:
     check_keys(cfg, {"slide_side", "gene_side", "slide", "genes", "fusion_hidden", "dropout"})
     objective = objective_of(cfg)
-    slide_side = cfg.get("slide_side", "abmil")
-    gene_side = cfg.get("gene_side", "snn")
+    c = arch_config("late_fusion", cfg)
+    slide_side, gene_side = c["slide_side"], c["gene_side"]
     if slide_side not in SLIDE_SIDES:
         raise InputError(f"late_fusion: slide_side={slide_side!r}; choose one of {sorted(SLIDE_SIDES)}")
     if gene_side not in GENE_SIDES:
         raise InputError(f"late_fusion: gene_side={gene_side!r}; choose one of {sorted(GENE_SIDES)}")
     # Branches are built without heads (objective "none"): only the fused embedding gets one.
-    slide = SLIDE_SIDES[slide_side](dict(cfg.get("slide") or {}), dims, "none")
-    genes = GENE_SIDES[gene_side](dict(cfg.get("genes") or {}), dims, "none")
-    return LateFusion(slide, genes, objective, dims, fusion_hidden=cfg.get("fusion_hidden"),
-                      dropout=float(cfg.get("dropout", 0.0)))
+    slide = SLIDE_SIDES[slide_side](dict(c["slide"] or {}), dims, "none")
+    genes = GENE_SIDES[gene_side](dict(c["genes"] or {}), dims, "none")
+    return LateFusion(slide, genes, objective, dims, fusion_hidden=c["fusion_hidden"], dropout=float(c["dropout"]))

@@ -18,12 +18,13 @@ from modaltune.models.baselines.common import (
     gene_inputs,
     objective_of,
 )
+from modaltune.models.configs import arch_config
 from modaltune.models.gene_encoder import GeneMixerEncoder, SNNBlock
 from modaltune.models.registry import ModelDims, register_model
 
 
-def _hidden(cfg: dict, default: list[int]) -> list[int]:
-    hidden = cfg.get("hidden", default)
+def _hidden(cfg: dict) -> list[int]:
+    hidden = cfg["hidden"]
     if isinstance(hidden, int):
         hidden = [hidden, hidden]
     if not hidden or any(int(h) < 1 for h in hidden):
@@ -93,17 +94,19 @@ class MixerPool(nn.Module):
 def mlp_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> GeneBaseline:
     check_keys(cfg, {"hidden", "dropout", "head_hidden"})
     _need_genes(dims, "mlp")
-    hidden = _hidden(cfg, [256, 256])
-    enc = mlp_encoder(dims.n_genes, hidden, float(cfg.get("dropout", 0.1)))
-    return GeneBaseline(enc, hidden[-1], objective, dims, cfg.get("head_hidden"))
+    c = arch_config("mlp", cfg)
+    hidden = _hidden(c)
+    enc = mlp_encoder(dims.n_genes, hidden, float(c["dropout"]))
+    return GeneBaseline(enc, hidden[-1], objective, dims, c["head_hidden"])
 
 
 def snn_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> GeneBaseline:
     check_keys(cfg, {"hidden", "dropout", "head_hidden"})
     _need_genes(dims, "snn")
-    hidden = _hidden(cfg, [256, 256])
-    enc = snn_encoder(dims.n_genes, hidden, float(cfg.get("dropout", 0.25)))
-    return GeneBaseline(enc, hidden[-1], objective, dims, cfg.get("head_hidden"))
+    c = arch_config("snn", cfg)
+    hidden = _hidden(c)
+    enc = snn_encoder(dims.n_genes, hidden, float(c["dropout"]))
+    return GeneBaseline(enc, hidden[-1], objective, dims, c["head_hidden"])
 
 
 _MIXER_KEYS = {"latent_dim", "depth", "token_expansion", "channel_expansion", "dropout", "out_dim"}
@@ -112,13 +115,13 @@ _MIXER_KEYS = {"latent_dim", "depth", "token_expansion", "channel_expansion", "d
 def gene_mixer_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> GeneBaseline:
     check_keys(cfg, _MIXER_KEYS | {"head_hidden"})
     _need_genes(dims, "gene_mixer")
+    c = arch_config("gene_mixer", cfg)
     mixer = GeneMixerEncoder(
-        dims.pathway_groups, latent_dim=int(cfg.get("latent_dim", 256)), depth=int(cfg.get("depth", 3)),
-        token_expansion=float(cfg.get("token_expansion", 0.5)),
-        channel_expansion=float(cfg.get("channel_expansion", 0.5)),
-        dropout=float(cfg.get("dropout", 0.25)), out_dim=int(cfg.get("out_dim", 768)), final_groups=None,
+        dims.pathway_groups, latent_dim=int(c["latent_dim"]), depth=int(c["depth"]),
+        token_expansion=float(c["token_expansion"]), channel_expansion=float(c["channel_expansion"]),
+        dropout=float(c["dropout"]), out_dim=int(c["out_dim"]), final_groups=None,
     )
-    return GeneBaseline(MixerPool(mixer), mixer.out_dim, objective, dims, cfg.get("head_hidden"))
+    return GeneBaseline(MixerPool(mixer), mixer.out_dim, objective, dims, c["head_hidden"])
 
 
 GENE_SIDES = {"mlp": mlp_from_cfg, "snn": snn_from_cfg, "gene_mixer": gene_mixer_from_cfg}

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from modaltune.errors import InputError
+from modaltune.models.backbones import build_backbone
 from modaltune.models.baselines.common import (
     BaselineModel,
     MissingSlot,
@@ -29,17 +30,9 @@ from modaltune.models.registry import ModelDims, register_model
 
 def build_slide_backbone(bcfg: dict, dims: ModelDims) -> nn.Module:
     """The frozen-encoder module of the ModalTune model (``backbone.type`` longnet or titan), built from the
-    same config keys, with the paper's values for any key left out; weights from ``backbone.checkpoint``."""
-    from modaltune.models import modaltune as mt  # lazy: the ModalTune module imports this package's peers
-
-    if bcfg.get("type", "longnet") == "titan":
-        from modaltune.models.titan import titan_config
-
-        base = titan_config()
-    else:
-        base = mt.paper_config()
-    merged = mt.merge_config({"backbone": bcfg}, base)["backbone"]
-    return mt.build_backbone(merged, dims.feature_dim)
+    same config keys, with the defaults of the encoder type for any key left out; weights from
+    ``backbone.checkpoint``."""
+    return build_backbone(bcfg, dims.feature_dim)
 
 
 # Where the known backbones keep their layer stacks (LongNet, TITAN); other modules: the longest stack.

@@ -20,6 +20,7 @@ from modaltune.models.baselines.common import (
     objective_of,
     patch_inputs,
 )
+from modaltune.models.configs import arch_config
 from modaltune.models.registry import ModelDims, register_model
 
 _KEYS = {"hidden", "num_heads", "dropout", "attn_dropout", "head_hidden"}
@@ -101,9 +102,9 @@ class TransMIL(BaselineModel):
 
 def transmil_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> TransMIL:
     check_keys(cfg, _KEYS)
-    return TransMIL(dims.feature_dim, objective, dims, hidden=int(cfg.get("hidden", 512)),
-                    num_heads=int(cfg.get("num_heads", 8)), dropout=float(cfg.get("dropout", 0.0)),
-                    attn_dropout=float(cfg.get("attn_dropout", 0.1)), head_hidden=cfg.get("head_hidden"))
+    c = arch_config("transmil", cfg)
+    return TransMIL(dims.feature_dim, objective, dims, hidden=int(c["hidden"]), num_heads=int(c["num_heads"]),
+                    dropout=float(c["dropout"]), attn_dropout=float(c["attn_dropout"]), head_hidden=c["head_hidden"])
 
 
 @register_model("transmil")
