@@ -543,7 +543,8 @@ def test_positional_grid_is_a_model_fact():
     assert positional_grid("modaltune", {}) == (1000, 256)  # Prov-GigaPath default
     assert positional_grid("slide_encoder_lp", {"backbone": {"slide_ngrids": 500, "tile_size": 512}}) == (500, 512)
     assert positional_grid("abmil", {}) == (None, 256)  # ignores positions
-    assert positional_grid("late_fusion", {"slide": {"backbone": {"slide_ngrids": 200}}}) == (200, 256)
+    assert positional_grid("late_fusion", {"slide_side": "slide_encoder", "slide": {"backbone": {"slide_ngrids": 200}}}) == (200, 256)
+    assert positional_grid("late_fusion", {"slide": {"backbone": {"slide_ngrids": 200}}})[0] is None  # ABMIL side
 
 
 @pytest.mark.skipif(not _has_real_model_modules(), reason="colleagues' model modules not there yet")
