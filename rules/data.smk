@@ -47,6 +47,7 @@ rule splits:
     input:
         cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
         sheet=lambda wc: INPUTS[wc.cohort]["sheet"],
+        imports=split_import_inputs,
     output:
         parquet=f"{RESULTS}/{{cohort}}/splits/{{scheme}}.parquet",
         summary=f"{RESULTS}/{{cohort}}/splits/{{scheme}}_summary.tsv",

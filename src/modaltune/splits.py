@@ -220,6 +220,11 @@ def _import_files(import_path) -> list[Path]:
     return files
 
 
+def import_split_files(import_path) -> list[str]:
+    """The split files scheme 'import' reads (inputs of the splits rule: editing one reruns it)."""
+    return [str(f) for f in _import_files(import_path)]
+
+
 def _entries_from_json(path: Path, id_type: str) -> list[tuple[int, str, str, str]]:
     """(fold, partition, id, kind) from a ModalTune JSON (bare NaN tokens are valid for Python's json)."""
     m = _JSON_NAME.match(path.name)

@@ -303,7 +303,25 @@ class ModalTune(nn.Module):
         return {"embedding": torch.stack(out, dim=1)}
 
 
+# Keys a ModalTune block may carry besides those of paper_config() (generic, or read with a default).
+_EXTRA_KEYS = {"": {"arch", "objective", "training", "name", "description"},
+               "backbone": {"in_chans", "encoder_drop_path_rate", "attn_pooler_heads", "attn_pooler_queries"}}
+
+
+def check_config_keys(cfg: dict, base: dict | None = None, where: str = "") -> None:
+    """InputError naming the first unknown key (a typo would otherwise run with the paper's value)."""
+    base = paper_config() if base is None else base
+    for key, val in (cfg or {}).items():
+        if key not in base and key not in _EXTRA_KEYS.get(where, set()):
+            valid = sorted(set(base) | _EXTRA_KEYS.get(where, set()))
+            raise InputError(f"model config for arch 'modaltune': unknown key {(where + '.' if where else '') + key!r}; "
+                             f"valid keys{' of ' + where if where else ''}: {valid}")
+        if isinstance(val, dict) and isinstance(base.get(key), dict):
+            check_config_keys(val, base[key], key)
+
+
 @register_model("modaltune")
 def build_modaltune(cfg: dict, dims: ModelDims) -> ModalTune:
     """Registry builder: ``cfg`` is overlaid on ``paper_config()``."""
+    check_config_keys(cfg)
     return ModalTune(cfg, dims)
