@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from modaltune.splits import import_split_files
 from modaltune.workflow import (
     cohort_inputs,
     demo_cohorts,
@@ -156,3 +157,15 @@ def all_targets():
         f"{RESULTS}/{pair['eval']}/tables/summary.md" for pair in config.get("ood", [])
     ]
     return list(dict.fromkeys(targets))
+
+
+def split_import_inputs(wildcards):
+    """Imported split files are inputs of the splits rule: editing one reruns the splits."""
+    if SCHEME != "import":
+        return []
+    return import_split_files(config["splits"].get("import_path"))
+
+
+# Every cohort's first stages (tile / slide_shard, rna_pathways, clinical_table) wait for its preflight.
+# ancient(): a preflight rerun (any config edit reruns it, in seconds) must not rerun the stages after it.
+PREFLIGHT = ancient(f"{RESULTS}/{{cohort}}/preflight.json")

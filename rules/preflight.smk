@@ -1,0 +1,20 @@
+# Preflight: every input the cohort's DAG reads is checked before the first job (and any GPU job) runs.
+
+
+rule preflight:
+    input:
+        unpack(lambda wc: INPUTS[wc.cohort]),
+        imports=split_import_inputs,
+    output:
+        json=f"{RESULTS}/{{cohort}}/preflight.json",
+    log:
+        "logs/preflight/{cohort}.log",
+    wildcard_constraints:
+        cohort=_alt(SITE_COHORTS),
+    conda:
+        "../envs/preflight.yaml"
+    params:
+        # the whole config: any edit reruns the checks (seconds; the stages after it are not rerun)
+        config=config,
+    script:
+        "../workflow/scripts/preflight.py"
