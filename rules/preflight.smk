@@ -14,7 +14,7 @@ rule preflight:
     conda:
         "../envs/preflight.yaml"
     params:
-        # the whole config: any edit reruns the checks (seconds; the stages after it are not rerun)
-        config=config,
+        # digest of the whole config: any edit reruns the checks (seconds; later stages are not rerun)
+        config_sha=config_digest(config),
     script:
         "../workflow/scripts/preflight.py"

@@ -600,3 +600,117 @@ def preflight_rule(config: dict, cohort: str, out_json: str | os.PathLike) -> Co
                          + "\n".join(f"problem: {p}" for p in report.problems))
     write_json(report.to_json(), out_json)
     return report
+
+
+# ------------------------------------------------------------------------------- end-of-run summary
+
+
+def _read_json(path: Path):
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_summary(results_dir: str | os.PathLike, cohorts: Sequence[str], logs_dir: str | os.PathLike = "logs",
+                max_lines: int = 8) -> list[str]:
+    """Everything skipped or degraded in a run, from the files that exist (any may be missing): failed
+    slides (failures.tsv or shard manifests), RNA and clinical notes (report.json), split notes (one-class /
+    no-event partitions), runs with empty metrics and their notes (metrics.json), preflight problems."""
+    results = Path(results_dir)
+    lines: list[str] = []
+
+    def few(items, n=3):
+        items = list(items)
+        return ", ".join(map(str, items[:n])) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+    for cohort in cohorts:
+        base = results / cohort
+        if not base.is_dir():
+            continue
+        fails = None
+        if (base / "failures.tsv").is_file():
+            try:
+                fails = pd.read_csv(base / "failures.tsv", sep="\t", dtype=str).fillna("")
+            except (pd.errors.EmptyDataError, pd.errors.ParserError):
+                fails = None
+        if fails is None:
+            frames = []
+            for manifest in sorted(base.glob("features/*/shards/*.tsv")):
+                try:
+                    frames.append(pd.read_csv(manifest, sep="\t", dtype=str).fillna(""))
+                except (pd.errors.EmptyDataError, pd.errors.ParserError):
+                    continue
+            if frames:
+                allm = pd.concat(frames, ignore_index=True)
+                fails = allm[~allm["status"].isin(["ok", "skipped"])] if "status" in allm else None
+        if fails is not None and len(fails):
+            lines.append(f"{cohort}: {len(fails)} slide(s) failed and were left out: "
+                         + few(f"{r.slide_id} ({r.error[:80]})" for r in fails.itertuples()))
+        rna = _read_json(base / "genomics" / "report.json") or {}
+        if rna.get("patients_requested_without_rna"):
+            lines.append(f"{cohort}: {len(rna['patients_requested_without_rna'])} patient(s) without RNA "
+                         "(missing-genes token, train only): " + few(rna["patients_requested_without_rna"]))
+        matrix = rna.get("matrix") or {}
+        if matrix.get("n_inf_set_to_nan") or matrix.get("n_duplicate_gene_ids"):
+            lines.append(f"{cohort}: RNA matrix had {matrix.get('n_inf_set_to_nan', 0)} inf value(s) (read as NaN) "
+                         f"and {matrix.get('n_duplicate_gene_ids', 0)} duplicated gene id(s)")
+        if rna.get("dropped_pathways_without_genes"):
+            lines.append(f"{cohort}: pathways without genes dropped: " + few(rna["dropped_pathways_without_genes"]))
+        clin = _read_json(base / "clinical" / "report.json") or {}
+        if clin.get("unknown_diagnoses"):
+            lines.append(f"{cohort}: diagnoses outside the label map (left out of the subtype task): "
+                         f"{clin['unknown_diagnoses']}")
+        for problem in clin.get("label_problems") or []:
+            lines.append(f"{cohort}: {problem}")
+        no_surv = (clin.get("survival") or {}).get("no_usable_survival") or []
+        if no_surv:
+            lines.append(f"{cohort}: {len(no_surv)} patient(s) without usable survival: " + few(no_surv))
+        for summary in sorted(base.glob("splits/*_summary.tsv")):
+            try:
+                table = pd.read_csv(summary, sep="\t", keep_default_na=False)
+            except (pd.errors.EmptyDataError, pd.errors.ParserError):
+                continue
+            if "notes" in table:
+                notes = [f"fold {r.fold} {r.partition}: {r.notes}" for r in table.itertuples() if r.notes]
+                if notes:
+                    lines.append(f"{cohort}: splits: " + few(notes, 4))
+        empty: dict[str, list[str]] = {}
+        for mfile in sorted(base.glob("runs/*/seed_*/fold_*/metrics.json")) + sorted(
+                base.glob("ood/*/*/seed_*/fold_*/metrics.json")):
+            m = _read_json(mfile)
+            if not isinstance(m, dict):
+                continue
+            run = "/".join(mfile.parent.relative_to(base).parts[-3:])
+            for note in m.get("notes") or []:
+                empty.setdefault(str(note), []).append(run)
+            for key in ("subtype_bacc", "survival_cindex"):
+                if key in m and m[key] is None and not m.get("notes"):
+                    empty.setdefault(f"{key} empty", []).append(run)
+        for note, runs in empty.items():
+            lines.append(f"{cohort}: {len(runs)} run(s): {note}: " + few(runs, 2))
+    for log_file in sorted(Path(logs_dir).glob("preflight/*.log")):
+        try:
+            problems = [ln.split("problem: ", 1)[1] for ln in log_file.read_text().splitlines() if "problem: " in ln]
+        except OSError:
+            continue
+        for p in dict.fromkeys(problems):
+            lines.append(f"preflight {log_file.stem}: {p}")
+    return lines[: max_lines * max(1, len(cohorts)) + 20]
+
+
+def print_run_summary(results_dir, cohorts, logs_dir="logs", status: str = "finished", file=None) -> None:
+    """The Snakefile's onsuccess/onerror: a short console summary; never raises."""
+    import sys
+
+    file = file or sys.stderr
+    try:
+        lines = run_summary(results_dir, cohorts, logs_dir)
+    except Exception as exc:  # noqa: BLE001 - a summary must never turn a finished run into an error
+        lines = [f"(summary unavailable: {type(exc).__name__}: {exc})"]
+    print(f"modaltune: run {status}; " + (f"{len(lines)} thing(s) skipped or degraded:" if lines
+                                          else "nothing skipped or degraded"), file=file)
+    for line in lines:
+        print(f"  - {line}", file=file)

@@ -170,6 +170,14 @@ def combined_sheet(paths: list[str] | str | pd.DataFrame) -> pd.DataFrame:
     return pd.concat([read_sheet(p) for p in paths], ignore_index=True)
 
 
+def config_digest(config: dict) -> str:
+    """Short sha256 of the whole config (a param that reruns the preflight on any config edit)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def limit_threads(n: int) -> None:
     """Use the job's declared threads only: oversubscribed BLAS/OpenMP threads on a shared node
     make small PyTorch ops orders of magnitude slower and results depend on the thread count."""

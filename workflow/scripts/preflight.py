@@ -4,4 +4,4 @@ from modaltune.preflight import preflight_rule
 from modaltune.workflow import log_to
 
 with log_to(snakemake.log[0]):
-    preflight_rule(snakemake.params.config, snakemake.wildcards.cohort, snakemake.output.json)
+    preflight_rule(dict(snakemake.config), snakemake.wildcards.cohort, snakemake.output.json)
