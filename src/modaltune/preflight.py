@@ -533,7 +533,7 @@ def _splits(config, inputs, cases, scratch: Path, report: CohortReport):
         report.problems.append(f"splits ({scfg.get('scheme')}): {exc}")
         return None
     summary = partition_summary(cases, splits)
-    classes = sorted(c for c in cases["label"].unique() if c >= 0)
+    classes = sorted(int(c) for c in cases["label"].unique() if c >= 0)
     for row in summary.itertuples():
         if row.partition == "train":
             absent = [c for c in classes if getattr(row, f"n_class_{c}", 0) == 0]

@@ -345,7 +345,7 @@ def partition_summary(cases, splits) -> pd.DataFrame:
     merged = splits[["patient_id", "fold", "partition"]].merge(
         cases[["patient_id", "label", "event", "has_rna", "n_slides"]], on="patient_id", how="left"
     )
-    classes = sorted(c for c in cases["label"].unique() if c >= 0)
+    classes = sorted(int(c) for c in cases["label"].unique() if c >= 0)
     rows = []
     for (fold, part), g in merged.groupby(["fold", "partition"], sort=True):
         row = {"fold": int(fold), "partition": part, "n_patients": len(g)}
