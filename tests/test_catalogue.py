@@ -19,8 +19,7 @@ from modaltune.demo import write_pyramid_tiff
 from modaltune.errors import InputError
 from modaltune.preflight import load_config
 from modaltune.workflow import load_sheet
-from tests.test_preflight import check, cohort_config, one_problem, one_warning
-from tests.test_preflight import cohort, pristine_cohort  # noqa: F401  (fixtures)
+from tests.test_preflight import check, cohort_config, copy_cohort, make_cohort, one_problem, one_warning
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = ROOT / "docs" / "CATALOGUE.md"
@@ -30,6 +29,16 @@ OTHER_BRANCHES = {
     "tests/test_faults.py::test_killed_mid_write_leaves_no_partial",
     "tests/test_evaluation.py::test_cox_nonconvergence_retried",
 }
+
+
+@pytest.fixture(scope="module")
+def pristine_cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory)
+
+
+@pytest.fixture
+def cohort(pristine_cohort, tmp_path):
+    return copy_cohort(pristine_cohort, tmp_path)
 
 
 def _sheet(cohort) -> pd.DataFrame:

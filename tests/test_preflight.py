@@ -28,18 +28,26 @@ FILES = {"sheet": "cohort_sheet.tsv", "rna": "rna/HiSeqV2_PANCAN.gz", "gene_sets
          "clinical": "clinical/clinical.tsv", "biospecimen": "biospecimen/slide.tsv"}
 
 
-@pytest.fixture(scope="session")
-def pristine_cohort(tmp_path_factory):
+def make_cohort(tmp_path_factory) -> Path:
     """A 12-patient demo-layout cohort on disk (small slides: only headers are read here)."""
     root = tmp_path_factory.mktemp("pf_cohort") / "c"
     make_demo_cohort(root, n_patients=12, seed=0, slide_size=(512, 384), workers=1)
     return root
 
 
+def copy_cohort(pristine: Path, tmp_path: Path) -> Path:
+    """A private copy of the cohort folder that a test may break."""
+    return Path(shutil.copytree(pristine, tmp_path / "c"))
+
+
+@pytest.fixture(scope="session")
+def pristine_cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory)
+
+
 @pytest.fixture
 def cohort(pristine_cohort, tmp_path):
-    """A private copy of the cohort folder that a test may break."""
-    return Path(shutil.copytree(pristine_cohort, tmp_path / "c"))
+    return copy_cohort(pristine_cohort, tmp_path)
 
 
 def cohort_config(cdir: Path, models=("abmil",), **overrides) -> dict:

@@ -405,7 +405,8 @@ def clinical_field_problems(rows: pd.DataFrame, path) -> list[str]:
         present = raw.notna() & raw.astype("string").str.strip().ne("")
         bad = present & pd.to_numeric(raw, errors="coerce").isna()
         if bad.any():
-            examples = sorted({(str(p), str(v)) for p, v in zip(rows.loc[bad, "patient_id"], raw[bad])})[:5]
+            pairs = zip(rows.loc[bad, "patient_id"], raw[bad], strict=True)
+            examples = sorted({(str(p), str(v)) for p, v in pairs})[:5]
             problems.append(
                 f"{path}: field {CLINICAL_COLUMNS[field][0]} has {int(bad.sum())} value(s) that are not numbers, "
                 f"e.g. {examples}; write a number of days/years, or '-- (GDC's missing value) where unknown"
