@@ -380,3 +380,14 @@ def test_catalogue_tests_from_other_branches_exist_after_merge():
     absent = [n for n in sorted(OTHER_BRANCHES) if not _exists(n)]
     if absent:
         pytest.skip(f"tests of other branches not merged yet: {absent}")
+
+
+def test_class_of_the_map_without_patients_stops(cohort):
+    def only_ductal(df):
+        df.loc[df["primary_diagnosis"] == "Lobular carcinoma, NOS", "primary_diagnosis"] = \
+            "Infiltrating duct carcinoma, NOS"
+        df.loc[df["primary_diagnosis"] == "Mucinous adenocarcinoma", "primary_diagnosis"] = "'--"
+
+    _edit_clinical(cohort, only_ductal)
+    problem = one_problem(check(cohort_config(cohort)), "field primary_diagnosis", "class(es) [1]", "no patients")
+    assert "survival-only cohort" in problem

@@ -494,7 +494,8 @@ def label_problems(table: pd.DataFrame, mapping: Mapping[str, int], cohort: str,
             f"(this line maps the first one to class {empty[0]}): cohorts.<name>.label_map: {{{fix}}}"
         )
     else:
-        msg += "; give a cohorts.<name>.label_map with the classes this cohort has"
+        msg += ("; give a cohorts.<name>.label_map with the classes this cohort has (map every diagnosis "
+                "to -1 for a survival-only cohort)")
     return [msg]
 
 

@@ -507,7 +507,10 @@ def _clinical(config, cohort, inputs, sheet, rna_parquet, scratch: Path, report:
     import json
 
     crep = json.loads((scratch / "clinical.json").read_text())
-    report.warnings += crep.get("label_problems", [])
+    report.problems += crep.get("label_problems", [])  # every class of the map must have patients
+    if crep.get("patients_without_slides"):
+        report.warnings.append(_ids_note(f"{inputs['clinical']}: clinical patients without a slide in the sheet",
+                                         crep["patients_without_slides"], "they train on genes/clinical only"))
     if crep.get("unknown_diagnoses"):
         report.warnings.append(f"{inputs['clinical']}: diagnoses outside the {blk['site']} label map (label -1, "
                                f"left out of the subtype task): {crep['unknown_diagnoses']}")
