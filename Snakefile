@@ -26,6 +26,11 @@ rule all:
         all_targets(),
 
 
+# Before any job: cohorts already preflighted are checked again when the config or an input changed.
+onstart:
+    recheck_preflight(config, RESULTS, SITE_COHORTS)
+
+
 # End of run: everything skipped or degraded (failed slides, RNA/clinical notes, one-class or no-event
 # partitions, empty metrics), read from the reports that exist.
 onsuccess:

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from modaltune.preflight import print_run_summary
+from modaltune.preflight import print_run_summary, recheck_preflight
 from modaltune.splits import import_split_files
 from modaltune.workflow import (
     cohort_inputs,
-    config_digest,
     demo_cohorts,
     load_sheet,
     pancancer_members,
@@ -169,8 +168,8 @@ def split_import_inputs(wildcards):
 
 
 # Every cohort's first stages (tile / slide_shard, rna_pathways, clinical_table) wait for its preflight.
-# ancient(): a preflight rerun (any config edit reruns it, in seconds) must not rerun the stages after it.
-PREFLIGHT = ancient(f"{RESULTS}/{{cohort}}/preflight.json")
+PREFLIGHT = f"{RESULTS}/{{cohort}}/preflight.json"
+DEMO_COHORTS = set(demo_cohorts(config))
 
 # Cohorts whose results the end-of-run summary reads.
 SUMMARY_COHORTS = list(dict.fromkeys(SITE_COHORTS + list(PANCANCER)))

@@ -1,10 +1,14 @@
-# Preflight: every input the cohort's DAG reads is checked before the first job (and any GPU job) runs.
+# Preflight: every input the cohort's DAG reads is checked before the cohort's first stage (and any GPU
+# job) runs. The rule runs once per cohort (no params, no inputs besides a demo cohort's generated sheet):
+# rerunning it would rerun every stage after it. Later config or input edits are re-checked by the
+# Snakefile's onstart (modaltune.preflight.recheck_preflight), which stops the run before any job.
 
 
 rule preflight:
     input:
-        unpack(lambda wc: INPUTS[wc.cohort]),
-        imports=split_import_inputs,
+        demo_sheet=lambda wc: (
+            [INPUTS[wc.cohort]["sheet"]] if wc.cohort in DEMO_COHORTS else []
+        ),
     output:
         json=f"{RESULTS}/{{cohort}}/preflight.json",
     log:
@@ -13,8 +17,5 @@ rule preflight:
         cohort=_alt(SITE_COHORTS),
     conda:
         "../envs/preflight.yaml"
-    params:
-        # digest of the whole config: any edit reruns the checks (seconds; later stages are not rerun)
-        config_sha=config_digest(config),
     script:
         "../workflow/scripts/preflight.py"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -591,6 +592,32 @@ def format_report(reports: Sequence[CohortReport]) -> str:
     return "\n".join(lines)
 
 
+def inputs_digest(config: dict, cohort: str) -> str:
+    """Digest of what the preflight of ``cohort`` read: the whole config and the size + mtime of every
+    input file (cohort files, imported split files, checkpoints)."""
+    import hashlib
+    import json
+
+    from modaltune.splits import import_split_files
+    from modaltune.workflow import config_digest
+
+    files = list(cohort_inputs(config, cohort).values()) + [p for _, p in checkpoint_entries(config)]
+    if config.get("splits", {}).get("scheme") == "import":
+        try:
+            files += import_split_files(config["splits"].get("import_path"))
+        except InputError:
+            pass
+    stats = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((str(f), None, None))
+    blob = json.dumps([config_digest(config), stats], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def preflight_rule(config: dict, cohort: str, out_json: str | os.PathLike) -> CohortReport:
     """The preflight rule: all checks of ``cohort``; InputError (one line per problem) or the JSON."""
     report = preflight_cohort(config, cohort, generate=False)
@@ -600,8 +627,40 @@ def preflight_rule(config: dict, cohort: str, out_json: str | os.PathLike) -> Co
     if report.problems:
         raise InputError(f"preflight of cohort {cohort} found {len(report.problems)} problem(s):\n"
                          + "\n".join(f"problem: {p}" for p in report.problems))
-    write_json(report.to_json(), out_json)
+    write_json({**report.to_json(), "digest": inputs_digest(config, cohort)}, out_json)
     return report
+
+
+def recheck_preflight(config: dict, results_dir: str | os.PathLike, cohorts: Sequence[str],
+                      cache_dir: str | os.PathLike = ".snakemake/modaltune-preflight") -> list[str]:
+    """The Snakefile's onstart: re-run the checks of every cohort whose preflight.json exists but whose
+    config or input files changed since (the preflight rule itself runs once per cohort, so that a
+    config edit never reruns the stages after it). InputError with every problem stops the run before
+    any job; a passing digest is cached under ``cache_dir`` so unchanged inputs are not checked again."""
+    checked = []
+    problems: list[str] = []
+    for cohort in cohorts:
+        done = Path(results_dir) / cohort / "preflight.json"
+        if not done.is_file():
+            continue  # the preflight rule checks it before the cohort's first stage
+        digest = inputs_digest(config, cohort)
+        stored = (_read_json(done) or {}).get("digest")
+        cache = Path(cache_dir) / f"{cohort}.digest"
+        if digest == stored or (cache.is_file() and cache.read_text().strip() == digest):
+            continue
+        report = preflight_cohort(copy.deepcopy(config), cohort, generate=False)
+        checked.append(cohort)
+        if report.problems:
+            problems += [f"cohort {cohort}: {p}" for p in report.problems]
+        else:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(digest + "\n")
+    if problems:
+        raise InputError(f"preflight: the config or inputs changed since the last run and "
+                         f"{len(problems)} problem(s) were found:\n" + "\n".join(f"problem: {p}" for p in problems))
+    if checked:
+        print(f"modaltune preflight: re-checked {checked} (config or inputs changed): ok", file=sys.stderr)
+    return checked
 
 
 # ------------------------------------------------------------------------------- end-of-run summary
@@ -705,8 +764,6 @@ def run_summary(results_dir: str | os.PathLike, cohorts: Sequence[str], logs_dir
 
 def print_run_summary(results_dir, cohorts, logs_dir="logs", status: str = "finished", file=None) -> None:
     """The Snakefile's onsuccess/onerror: a short console summary; never raises."""
-    import sys
-
     file = file or sys.stderr
     try:
         lines = run_summary(results_dir, cohorts, logs_dir)
