@@ -230,3 +230,23 @@ def test_preflight_module_does_not_import_torch():
 
     code = "import modaltune.preflight, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onstart_recheck_after_an_edit(cohort, tmp_path):
+    from modaltune.preflight import recheck_preflight
+
+    cfg = cohort_config(cohort)
+    results = Path(cfg["results_dir"])
+    cache = tmp_path / "cache"
+    assert recheck_preflight(cfg, results, ["c"], cache_dir=cache) == []  # not preflighted yet: the rule will
+    preflight_rule(cfg, "c", results / "c" / "preflight.json")
+    assert recheck_preflight(cfg, results, ["c"], cache_dir=cache) == []  # nothing changed
+    clinical = cohort / "clinical" / "clinical.tsv"
+    good = clinical.read_text()
+    clinical.write_text(good.replace("\tDead\t", "\tPassed on\t", 1))
+    with pytest.raises(InputError, match=r"problem: cohort c: .*clinical\.tsv: field vital_status"):
+        recheck_preflight(cfg, results, ["c"], cache_dir=cache)
+    clinical.write_text(good)
+    cfg["training"]["epochs"] = 3  # a config edit is re-checked too
+    assert recheck_preflight(cfg, results, ["c"], cache_dir=cache) == ["c"]
+    assert recheck_preflight(cfg, results, ["c"], cache_dir=cache) == []  # cached
