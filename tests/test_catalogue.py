@@ -391,3 +391,13 @@ def test_class_of_the_map_without_patients_stops(cohort):
     _edit_clinical(cohort, only_ductal)
     problem = one_problem(check(cohort_config(cohort)), "field primary_diagnosis", "class(es) [1]", "no patients")
     assert "survival-only cohort" in problem
+
+
+@pytest.mark.parametrize("model, path", [("modaltune", ("adapter",)), ("gigapath_lp", ("backbone",))])
+def test_typo_inside_a_nested_model_block_stops(cohort, model, path):
+    cfg = cohort_config(cohort, models=(model,))
+    node = cfg["models"][model]
+    for part in path:
+        node = node[part]
+    node["num_headz"] = 4
+    one_problem(check(cfg, global_checks=True), f"config models.{model}", f"'{path[-1]}.num_headz'", "valid keys")

@@ -305,7 +305,7 @@ class ModalTune(nn.Module):
 
 # Keys a ModalTune block may carry besides those of paper_config() (generic, or read with a default).
 _EXTRA_KEYS = {"": {"arch", "objective", "training", "name", "description"},
-               "backbone": {"in_chans", "encoder_drop_path_rate", "attn_pooler_heads", "attn_pooler_queries"}}
+               "backbone": {"in_chans", "encoder_drop_path_rate"}}
 
 
 def check_config_keys(cfg: dict, base: dict | None = None, where: str = "") -> None:
@@ -314,7 +314,7 @@ def check_config_keys(cfg: dict, base: dict | None = None, where: str = "") -> N
     for key, val in (cfg or {}).items():
         if key not in base and key not in _EXTRA_KEYS.get(where, set()):
             valid = sorted(set(base) | _EXTRA_KEYS.get(where, set()))
-            raise InputError(f"model config for arch 'modaltune': unknown key {(where + '.' if where else '') + key!r}; "
+            raise InputError(f"model config: unknown key {(where + '.' if where else '') + key!r}; "
                              f"valid keys{' of ' + where if where else ''}: {valid}")
         if isinstance(val, dict) and isinstance(base.get(key), dict):
             check_config_keys(val, base[key], key)

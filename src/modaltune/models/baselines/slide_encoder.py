@@ -38,6 +38,7 @@ def build_slide_backbone(bcfg: dict, dims: ModelDims) -> nn.Module:
         base = titan_config()
     else:
         base = mt.paper_config()
+    mt.check_config_keys({"backbone": bcfg})  # a typo must not run with the paper's value
     merged = mt.merge_config({"backbone": bcfg}, base)["backbone"]
     return mt.build_backbone(merged, dims.feature_dim)
 
