@@ -14,6 +14,7 @@ validate(config, "config/schemas/config.schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/demo.smk"
+include: "rules/preflight.smk"
 include: "rules/slides.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
@@ -23,3 +24,18 @@ include: "rules/report.smk"
 rule all:
     input:
         all_targets(),
+
+
+# Before any job: cohorts already preflighted are checked again when the config or an input changed.
+onstart:
+    recheck_preflight(config, RESULTS, SITE_COHORTS)
+
+
+# End of run: everything skipped or degraded (failed slides, RNA/clinical notes, one-class or no-event
+# partitions, empty metrics), read from the reports that exist.
+onsuccess:
+    print_run_summary(RESULTS, SUMMARY_COHORTS, status="finished")
+
+
+onerror:
+    print_run_summary(RESULTS, SUMMARY_COHORTS, status="failed")

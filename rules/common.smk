@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from modaltune.preflight import print_run_summary, recheck_preflight
+from modaltune.splits import import_split_files
 from modaltune.workflow import (
     cohort_inputs,
     demo_cohorts,
@@ -157,3 +159,18 @@ def all_targets():
         f"{RESULTS}/{pair['eval']}/tables/summary.md" for pair in config.get("ood", [])
     ]
     return list(dict.fromkeys(targets))
+
+
+def split_import_inputs(wildcards):
+    """Imported split files are inputs of the splits rule: editing one reruns the splits."""
+    if SCHEME != "import":
+        return []
+    return import_split_files(config["splits"].get("import_path"))
+
+
+# Every cohort's first stages (tile / slide_shard, rna_pathways, clinical_table) wait for its preflight.
+PREFLIGHT = f"{RESULTS}/{{cohort}}/preflight.json"
+DEMO_COHORTS = set(demo_cohorts(config))
+
+# Cohorts whose results the end-of-run summary reads.
+SUMMARY_COHORTS = list(dict.fromkeys(SITE_COHORTS + list(PANCANCER)))

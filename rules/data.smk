@@ -5,6 +5,7 @@ rule rna_pathways:
     input:
         rna=lambda wc: INPUTS[wc.cohort]["rna"],
         gene_sets=lambda wc: INPUTS[wc.cohort]["gene_sets"],
+        preflight=PREFLIGHT,
     output:
         parquet=f"{RESULTS}/{{cohort}}/genomics/pathways.parquet",
         report=f"{RESULTS}/{{cohort}}/genomics/report.json",
@@ -27,6 +28,7 @@ rule clinical_table:
         biospecimen=lambda wc: INPUTS[wc.cohort]["biospecimen"],
         sheet=lambda wc: INPUTS[wc.cohort]["sheet"],
         rna=rules.rna_pathways.output.parquet,
+        preflight=PREFLIGHT,
     output:
         parquet=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
         report=f"{RESULTS}/{{cohort}}/clinical/report.json",
@@ -47,6 +49,7 @@ rule splits:
     input:
         cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
         sheet=lambda wc: INPUTS[wc.cohort]["sheet"],
+        imports=split_import_inputs,
     output:
         parquet=f"{RESULTS}/{{cohort}}/splits/{{scheme}}.parquet",
         summary=f"{RESULTS}/{{cohort}}/splits/{{scheme}}_summary.tsv",

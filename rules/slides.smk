@@ -4,6 +4,7 @@
 rule tile:
     input:
         slide=slide_file,
+        preflight=PREFLIGHT,
     output:
         h5=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.h5",
         qc=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
@@ -48,6 +49,7 @@ rule slide_shard:
         slides=lambda wc: SHEETS[wc.cohort]
         .loc[shard_slides(wc.cohort, wc.shard), "path"]
         .tolist(),
+        preflight=PREFLIGHT,
     output:
         manifest=f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}.tsv",
     log:

@@ -293,7 +293,7 @@ def test_bad_configs_raise_input_error():
         _REGISTRY["mcat"]({}, ModelDims(feature_dim=FEAT, n_genes=GENES))
     with pytest.raises(InputError, match="genes"):
         build("snn")({"genes": torch.zeros(2, 5), "has_genes": torch.ones(2, dtype=torch.bool)})
-    with pytest.warns(UserWarning, match="hiden"):
+    with pytest.raises(InputError, match=r"unknown key\(s\) \['hiden'\]; valid keys: .*'hidden'"):
         _REGISTRY["snn"]({"objective": "survival", "hiden": [8]}, DIMS)
 
 

@@ -489,3 +489,64 @@ def test_clinical_does_not_import_torch():
     code = "import sys, modaltune.clinical; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields that do not parse stop with the file and field named (issue 15, items 2-4 and the RCC case)
+
+
+def _clinical_with(tmp_path, patient, **fields):
+    """The six-patient export with ``fields`` (keys of FLAT) replaced for ``patient``."""
+    path = _write_clinical(tmp_path / "c.tsv", FLAT)
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    for key, value in fields.items():
+        frame.loc[frame["case_submitter_id"] == patient, FLAT[key]] = value
+    frame.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_vital_status_synonym_counts_as_death(tmp_path):
+    path = _clinical_with(tmp_path, "TCGA-AA-0002", vital="Deceased")
+    table = build_clinical_table(path, None, tmp_path / "c.parquet", cohort="BRCA").set_index("patient_id")
+    assert table.loc["TCGA-AA-0002", "event"] == 1
+    assert table.loc["TCGA-AA-0002", "survival_months"] == pytest.approx(304.4 / 30.44)
+
+
+def test_vital_status_unknown_value_names_file_and_field(tmp_path):
+    path = _clinical_with(tmp_path, "TCGA-AA-0002", vital="Passed on")
+    with pytest.raises(InputError, match=r"c\.tsv: field vital_status .*'Passed on'"):
+        build_clinical_table(path, None, tmp_path / "c.parquet", cohort="BRCA")
+    assert not (tmp_path / "c.parquet").exists()
+
+
+def test_unparseable_days_to_death_is_an_error(tmp_path):
+    path = _clinical_with(tmp_path, "TCGA-AA-0002", death="abc")
+    with pytest.raises(InputError, match=r"c\.tsv: field days_to_death .*TCGA-AA-0002.*abc"):
+        build_clinical_table(path, None, tmp_path / "c.parquet", cohort="BRCA")
+
+
+def test_unparseable_age_is_an_error(tmp_path):
+    path = _clinical_with(tmp_path, "TCGA-AA-0001", age="sixty-one")
+    with pytest.raises(InputError, match=r"field age_at_index .*sixty-one"):
+        build_clinical_table(path, None, tmp_path / "c.parquet", cohort="BRCA")
+
+
+def test_unmapped_synonym_that_empties_a_class_stops_with_the_fix(tmp_path):
+    # an RCC cohort whose clear-cell cases are written differently: RCC subtyping would lose class 1
+    path = _write_clinical(tmp_path / "c.tsv", FLAT)
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    diag = {"TCGA-AA-0001": "Papillary adenocarcinoma, NOS", "TCGA-AA-0002": "Renal clear cell carcinoma",
+            "TCGA-AA-0003": "Chromophobe renal cell carcinoma", "TCGA-AA-0004": "Renal clear cell carcinoma",
+            "TCGA-AA-0005": "Papillary adenocarcinoma, NOS", "TCGA-AA-0006": "Renal clear cell carcinoma"}
+    frame["primary_diagnosis"] = frame["case_submitter_id"].map(diag)
+    frame.to_csv(path, sep="\t", index=False)
+    with pytest.raises(InputError) as err:
+        build_clinical_table(path, None, tmp_path / "c.parquet", cohort="RCC")
+    msg = str(err.value)
+    assert "field primary_diagnosis" in msg and "class(es) [1]" in msg
+    assert "'renal clear cell carcinoma': 3" in msg
+    assert '"renal clear cell carcinoma": 1}' in msg and '"papillary renal cell carcinoma": 0' in msg
+    # the line it shows fixes it
+    fixed = {**DEFAULT_LABEL_MAPS["RCC"], "renal clear cell carcinoma": 1}
+    table = build_clinical_table(path, None, tmp_path / "c.parquet", cohort="RCC", label_map=fixed)
+    assert sorted(table["label"].unique()) == [0, 1, 2]

@@ -265,3 +265,54 @@ def test_survival_only_cohort_kfold(tmp_path):
     overall = ev[cases.loc[cases.has_rna, "patient_id"]].mean()
     for _, g in tests.groupby("fold"):
         assert abs(ev[g["patient_id"]].mean() - overall) < 0.1
+
+
+# --------------------------------------------------------------------------- small cohorts (issue 15)
+
+
+def _demo_cases(n_patients, seed=0):
+    from modaltune.demo import _layout
+
+    lay = _layout(n_patients, seed)
+    return lay.assign(site="BRCA")[["patient_id", "label", "event", "has_rna", "n_slides", "site"]]
+
+
+@pytest.mark.parametrize("n_patients", [16, 24, 28, 32, 36])
+def test_kfold_small_demo_cohorts_split(tmp_path, n_patients):
+    # these sizes stopped in the val carve-out with scikit-learn's "test_size = 3 should be greater or
+    # equal to the number of classes = 4" (label x event strata)
+    cases = _demo_cases(n_patients)
+    df = make_splits(cases, tmp_path / "s.parquet", scheme="kfold", n_folds=3, val_fraction=0.15, seed=0)
+    relevant = set(cases.loc[cases["has_rna"] & (cases["label"] >= 0), "patient_id"])
+    for _, g in df.groupby("fold"):
+        assert len(g) == len(cases)
+        val = g[g["partition"] == "val"]
+        assert len(val) >= 1 and set(val["patient_id"]) <= relevant
+        train = g[g["partition"] == "train"]
+        assert set(cases.set_index("patient_id").loc[train["patient_id"], "label"]) >= {0, 1}
+    tests = df[df["partition"] == "test"]
+    assert set(tests["patient_id"]) == relevant and not tests["patient_id"].duplicated().any()
+
+
+def test_fixed_split_tiny_cohort_falls_back(tmp_path):
+    df = make_splits(_demo_cases(16), tmp_path / "s.parquet", scheme="fixed", seed=0)
+    assert set(df["partition"]) == {"train", "val", "test"}
+
+
+def test_too_few_patients_for_val_is_clear(tmp_path):
+    cases = _demo_cases(12).assign(has_rna=False)
+    cases.loc[:1, "has_rna"] = True  # two patients: one per test fold leaves one to train, none for val
+    with pytest.raises(InputError, match="val_fraction"):
+        make_splits(cases, tmp_path / "s.parquet", scheme="kfold", n_folds=2, val_fraction=0.15, seed=0)
+
+
+def test_summary_notes_say_why_metrics_are_empty(tmp_path, caplog):
+    cases = _cases(n=60)
+    cases["event"] = 0  # all censored: every c-index undefined
+    with caplog.at_level("WARNING", logger="modaltune.splits"):
+        make_splits(cases, tmp_path / "s.parquet", scheme="kfold", n_folds=3, seed=0,
+                    summary_path=tmp_path / "summary.tsv")
+    summary = pd.read_csv(tmp_path / "summary.tsv", sep="\t", keep_default_na=False)
+    test_rows = summary[summary["partition"] == "test"]
+    assert test_rows["notes"].str.contains("no events").all()
+    assert "fold 0 test: no events (all censored): c-index undefined" in caplog.text

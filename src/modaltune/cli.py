@@ -112,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="+")
     p.add_argument("--out", required=True)
 
+    p = _add(sub, "sheet", "cohort sheet TSV (slide_id, patient_id, path, mpp) from a folder of slides -> stdout")
+    p.add_argument("slide_dir")
+    p.add_argument("--biospecimen", default=None, help="GDC slide.tsv: slide -> patient for non-TCGA names")
+    p.add_argument("--regex", default=None,
+                   help="regex on the file name with named groups patient_id (and optionally slide_id)")
+    p.add_argument("--no-mpp", action="store_true", help="do not open the slides (no mpp column, no checks)")
+    p.add_argument("--out", default=None, help="write the TSV here instead of stdout")
+
+    p = _add(sub, "preflight", "check every input of the workflow before any job runs (exit 1 on problems)")
+    p.add_argument("--configfile", nargs="*", default=[], action="extend",
+                   help="config files as given to snakemake (merged over config/config.yaml)")
+    p.add_argument("--base-config", default="config/config.yaml")
+    p.add_argument("--cohort", nargs="*", default=None, help="site cohorts to check (default: all the run uses)")
+    p.add_argument("--quick", action="store_true", help="do not open slide headers (existence only)")
+    p.add_argument("--no-generate", action="store_true",
+                   help="do not generate a missing demo cohort (only its config is checked)")
+    p.add_argument("--json", default=None, help="also write the reports as JSON")
+
     p = _add(sub, "install-profile", "install a project profile where `snakemake --profile NAME` finds it")
     p.add_argument("name", nargs="?", default="slurm")
     p.add_argument("--source", default="profiles")
@@ -187,6 +205,34 @@ def run(args: argparse.Namespace) -> None:
         from modaltune.aggregate import aggregate
 
         print(aggregate(args.metrics, args.out).to_string())
+    elif cmd == "sheet":
+        from modaltune.sheet import build_sheet
+
+        sheet, problems = build_sheet(args.slide_dir, biospecimen=args.biospecimen, regex=args.regex,
+                                      read_mpp=not args.no_mpp)
+        for line in problems:
+            print(f"modaltune sheet: {line}", file=sys.stderr)
+        text = sheet.to_csv(sep="\t", index=False, lineterminator="\n", na_rep="")
+        if args.out:
+            from modaltune.io_utils import atomic_path
+
+            with atomic_path(args.out) as tmp:
+                tmp.write_text(text)
+        else:
+            sys.stdout.write(text)
+        print(f"modaltune sheet: {len(sheet)} slide(s) of {sheet['patient_id'].nunique()} patient(s); "
+              f"{len(problems)} file(s) reported", file=sys.stderr)
+    elif cmd == "preflight":
+        from modaltune.io_utils import write_json
+        from modaltune.preflight import format_report, load_config, run_preflight
+
+        cfg = load_config(args.configfile, base=args.base_config)
+        reports = run_preflight(cfg, args.cohort, quick=args.quick, generate=not args.no_generate)
+        print(format_report(reports))
+        if args.json:
+            write_json([r.to_json() for r in reports], args.json)
+        if any(r.problems for r in reports):
+            raise SystemExit(1)
     elif cmd == "install-profile":
         from modaltune.profiles import install_profile
 

@@ -373,6 +373,57 @@ def collapse_cases(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return out.reset_index(), conflicts
 
 
+# vital_status spellings (lower case) -> the GDC value; anything else is an error, not a silent "alive".
+VITAL_STATUS_SYNONYMS: dict[str, str] = {
+    "dead": "dead",
+    "deceased": "dead",
+    "died": "dead",
+    "death": "dead",
+    "alive": "alive",
+    "living": "alive",
+    "not reported": "not reported",
+    "unknown": "not reported",
+}
+# Fields that must be numbers when present (GDC writes '-- for missing).
+NUMERIC_FIELDS = ("days_to_death", "days_to_last_follow_up", "age_at_index")
+
+
+def normalise_vital_status(values: pd.Series) -> pd.Series:
+    """Lower-case GDC vital status ("dead" / "alive" / "not reported"), synonyms folded; unknown -> NaN."""
+    status = values.astype("string").str.strip().str.lower()
+    return status.map(lambda v: VITAL_STATUS_SYNONYMS.get(v) if isinstance(v, str) else None).astype("string")
+
+
+def clinical_field_problems(rows: pd.DataFrame, path) -> list[str]:
+    """One message per clinical field that does not parse: numbers that are not numbers, vital status
+    values that are neither Dead nor Alive (nor a known synonym). Each names the file, field and fix."""
+    problems = []
+    for field in NUMERIC_FIELDS:
+        if field not in rows:
+            continue
+        raw = rows[field]
+        present = raw.notna() & raw.astype("string").str.strip().ne("")
+        bad = present & pd.to_numeric(raw, errors="coerce").isna()
+        if bad.any():
+            pairs = zip(rows.loc[bad, "patient_id"], raw[bad], strict=True)
+            examples = sorted({(str(p), str(v)) for p, v in pairs})[:5]
+            problems.append(
+                f"{path}: field {CLINICAL_COLUMNS[field][0]} has {int(bad.sum())} value(s) that are not numbers, "
+                f"e.g. {examples}; write a number of days/years, or '-- (GDC's missing value) where unknown"
+            )
+    if "vital_status" in rows:
+        raw = rows["vital_status"]
+        known = normalise_vital_status(raw)
+        bad = raw.notna() & known.isna()
+        if bad.any():
+            values = sorted(set(map(str, raw[bad])))
+            problems.append(
+                f"{path}: field vital_status has value(s) {values[:8]} that are neither Dead nor Alive; "
+                "write Dead/Alive (known synonyms: " + ", ".join(sorted(VITAL_STATUS_SYNONYMS)) + ") or '--"
+            )
+    return problems
+
+
 def survival_from_gdc(
     vital_status: pd.Series, days_to_death: pd.Series, days_to_follow_up: pd.Series
 ) -> tuple[pd.Series, pd.Series, dict]:
@@ -382,7 +433,13 @@ def survival_from_gdc(
     follow-up; negative days become their absolute value; months = days / 30.44. "Not Reported" counts as
     alive; a missing vital status leaves the case without usable survival (NaN months).
     """
-    status = vital_status.astype("string").str.strip().str.lower()
+    status = normalise_vital_status(vital_status)
+    unknown_values = sorted(set(map(str, vital_status[vital_status.notna() & status.isna()])))
+    if unknown_values:
+        raise InputError(
+            f"vital_status: value(s) {unknown_values[:8]} are neither Dead nor Alive; use Dead/Alive "
+            f"(or one of {sorted(VITAL_STATUS_SYNONYMS)})"
+        )
     death = pd.to_numeric(days_to_death, errors="coerce")
     follow = pd.to_numeric(days_to_follow_up, errors="coerce")
     dead = status.eq("dead").fillna(False).astype(bool)
@@ -409,6 +466,39 @@ def survival_from_gdc(
     return months, event, report
 
 
+def label_problems(table: pd.DataFrame, mapping: Mapping[str, int], cohort: str, path) -> list[str]:
+    """The subtype task is broken when a class of the label map has no patient: say which classes, which
+    diagnosis strings were left unmapped (label -1) and the ``label_map`` line that maps them."""
+    if not mapping:
+        return []
+    counts = table.loc[table["label"] >= 0, "label"].value_counts()
+    empty = sorted({c for c in mapping.values() if c >= 0} - set(int(c) for c in counts.index))
+    if not empty:
+        return []
+    names = {c: sorted(d for d, k in mapping.items() if k == c) for c in empty}
+    unmapped = (
+        table.loc[table["label"] < 0, "primary_diagnosis"].dropna().value_counts().sort_index()
+    )
+    msg = (
+        f"{path}: field primary_diagnosis: class(es) {empty} of the {cohort} label map "
+        f"({'; '.join(f'{c}: {names[c]}' for c in empty)}) have no patients, so the subtype task "
+        f"would lose them (classes present: {dict((int(k), int(v)) for k, v in counts.items())})"
+    )
+    if len(unmapped):
+        shown = {str(k): int(v) for k, v in list(unmapped.items())[:8]}
+        # the override replaces the default map, so the fix lists the whole map plus the new line
+        fixed = {**mapping, str(unmapped.index[0]): empty[0]}
+        fix = ", ".join(f'"{d}": {c}' for d, c in fixed.items())
+        msg += (
+            f"; diagnoses not in the map: {shown}. If one of them is such a class, map it in the config "
+            f"(this line maps the first one to class {empty[0]}): cohorts.<name>.label_map: {{{fix}}}"
+        )
+    else:
+        msg += ("; give a cohorts.<name>.label_map with the classes this cohort has (map every diagnosis "
+                "to -1 for a survival-only cohort)")
+    return [msg]
+
+
 def build_clinical_table(
     clinical_tsv: str | os.PathLike,
     biospecimen_tsv: str | os.PathLike | None,
@@ -430,6 +520,9 @@ def build_clinical_table(
     """
     code = str(cohort).upper()
     rows, info = read_clinical_tsv(clinical_tsv)
+    problems = clinical_field_problems(rows, clinical_tsv)
+    if problems:
+        raise InputError("\n".join(problems))
     cases, conflicts = collapse_cases(rows)
     cases = cases.set_index("patient_id", drop=False)
 
@@ -476,6 +569,13 @@ def build_clinical_table(
         table["patient_id"], sheet, biospecimen_tsv
     )
     table = table[list(CASES_COLUMNS)].sort_values("patient_id").reset_index(drop=True)
+    problems = label_problems(table, mapping, code, clinical_tsv)
+    if problems and table.loc[table["label"] < 0, "primary_diagnosis"].notna().any():
+        # an empty class next to unmapped diagnoses is most likely a synonym the map misses: stop
+        # rather than silently train a task without that class
+        raise InputError("\n".join(problems))
+    for problem in problems:
+        log.warning("%s", problem)
 
     with atomic_path(out_parquet) as tmp:
         table.to_parquet(tmp, engine="pyarrow", index=False)
@@ -498,6 +598,7 @@ def build_clinical_table(
             "days_to_last_follow_up = max; treatment_type = sorted unique joined"
         ),
         "unrecognised_staging": unrecognised,
+        "label_problems": problems,
         "n_slides_source": slide_source,
         "patients_without_slides": without_slides,
         "n_with_rna": int(table["has_rna"].sum()),

@@ -103,39 +103,54 @@ def _strata(labels: np.ndarray, events: np.ndarray, min_count: int) -> np.ndarra
     return labels
 
 
-def _stratify_or_none(y: np.ndarray, n_parts: int) -> np.ndarray | None:
-    counts = pd.Series(y).value_counts()
-    if len(counts) > 1 and counts.min() >= n_parts:
-        return y
-    log.warning("class counts %s too small to stratify: splitting without stratification", dict(counts))
-    return None
+def _carve(ids: np.ndarray, candidates: Sequence[np.ndarray], fraction: float, seed: int, what: str):
+    """``train_test_split(ids, test_size=fraction)`` stratified on the first feasible candidate.
+
+    A stratified split needs every stratum twice and at least one patient per stratum on each side
+    (scikit-learn: "test_size = 3 should be greater or equal to the number of classes = 4"); small
+    cohorts fail that for label x event strata, so fall back to the label, then to no stratification,
+    and log which was used.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(ids)
+    n_out = int(np.ceil(fraction * n))
+    if n < 2 or n_out < 1 or n_out >= n:
+        raise InputError(
+            f"splits: {what} of {n} patients with fraction {fraction}: too few patients; "
+            "lower splits.val_fraction/test_fraction or n_folds, or add patients"
+        )
+    for y in candidates:
+        counts = pd.Series(y).value_counts()
+        if len(counts) > 1 and counts.min() >= 2 and n_out >= len(counts) and n - n_out >= len(counts):
+            return train_test_split(ids, test_size=n_out, random_state=seed, stratify=y)
+    log.warning(
+        "%s: %d of %d patients cannot be stratified on %s; splitting without stratification",
+        what, n_out, n, [dict(pd.Series(y).value_counts()) for y in candidates],
+    )
+    return train_test_split(ids, test_size=n_out, random_state=seed, stratify=None)
 
 
 # ------------------------------------------------------------------------------------------- schemes
 
 
 def _fixed(cases: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
-    from sklearn.model_selection import train_test_split
-
     rel = cases[_relevant(cases)]
     ids, y = rel["patient_id"].to_numpy(), _task_labels(rel)
     if len(ids) < 3:
         raise InputError(f"only {len(ids)} patients with RNA and a label: too few for a train/val/test split")
-    rest, test, y_rest, _ = train_test_split(
-        ids, y, test_size=test_fraction, random_state=seed, stratify=_stratify_or_none(y, 2)
-    )
+    label_of = dict(zip(ids, y, strict=True))
+    rest, test = _carve(ids, [y], test_fraction, seed, "test split")
     part = dict.fromkeys(cases["patient_id"], "train")
     part.update(dict.fromkeys(test, "test"))
     if val_fraction > 0:
-        _, val = train_test_split(
-            rest, test_size=val_fraction, random_state=seed, stratify=_stratify_or_none(y_rest, 2)
-        )
+        _, val = _carve(rest, [np.array([label_of[p] for p in rest])], val_fraction, seed, "val carve-out")
         part.update(dict.fromkeys(val, "val"))
     return pd.DataFrame({"patient_id": list(part), "fold": 0, "partition": list(part.values())})
 
 
 def _kfold(cases: pd.DataFrame, n_folds: int, val_fraction: float, seed: int) -> pd.DataFrame:
-    from sklearn.model_selection import StratifiedKFold, train_test_split
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     if n_folds < 2:
         raise InputError(
@@ -150,19 +165,19 @@ def _kfold(cases: pd.DataFrame, n_folds: int, val_fraction: float, seed: int) ->
         log.warning(
             "a class has fewer than %d patients: StratifiedKFold will warn and balance what it can", n_folds
         )
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    if pd.Series(strata).value_counts().max() >= n_folds:
+        folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(ids, strata)
+    else:  # no class reaches n_folds patients: StratifiedKFold would refuse
+        log.warning("no class has %d patients: test folds are not stratified", n_folds)
+        folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(ids)
+    events = rel["event"].to_numpy(dtype=float)
     frames = []
-    for fold, (rest_idx, test_idx) in enumerate(skf.split(ids, strata)):
+    for fold, (rest_idx, test_idx) in enumerate(folds):
         part = dict.fromkeys(cases["patient_id"], "train")
         part.update(dict.fromkeys(ids[test_idx], "test"))
         if val_fraction > 0:
-            rest_strata = _strata(y[rest_idx], rel["event"].to_numpy(dtype=float)[rest_idx], 2)
-            _, val = train_test_split(
-                ids[rest_idx],
-                test_size=val_fraction,
-                random_state=seed + fold,
-                stratify=_stratify_or_none(rest_strata, 2),
-            )
+            candidates = [_strata(y[rest_idx], events[rest_idx], 2), y[rest_idx]]
+            _, val = _carve(ids[rest_idx], candidates, val_fraction, seed + fold, f"fold {fold} val carve-out")
             part.update(dict.fromkeys(val, "val"))
         frames.append(
             pd.DataFrame({"patient_id": list(part), "fold": fold, "partition": list(part.values())})
@@ -203,6 +218,11 @@ def _import_files(import_path) -> list[Path]:
             f"{import_path}: no split files ({{train|val|test}}_*.json or splits_{{k}}.csv) found"
         )
     return files
+
+
+def import_split_files(import_path) -> list[str]:
+    """The split files scheme 'import' reads (inputs of the splits rule: editing one reruns it)."""
+    return [str(f) for f in _import_files(import_path)]
 
 
 def _entries_from_json(path: Path, id_type: str) -> list[tuple[int, str, str, str]]:
@@ -325,7 +345,7 @@ def partition_summary(cases, splits) -> pd.DataFrame:
     merged = splits[["patient_id", "fold", "partition"]].merge(
         cases[["patient_id", "label", "event", "has_rna", "n_slides"]], on="patient_id", how="left"
     )
-    classes = sorted(c for c in cases["label"].unique() if c >= 0)
+    classes = sorted(int(c) for c in cases["label"].unique() if c >= 0)
     rows = []
     for (fold, part), g in merged.groupby(["fold", "partition"], sort=True):
         row = {"fold": int(fold), "partition": part, "n_patients": len(g)}
@@ -337,10 +357,40 @@ def partition_summary(cases, splits) -> pd.DataFrame:
         row["n_no_slides"] = int((g["n_slides"] <= 0).sum())
         rows.append(row)
     out = pd.DataFrame(rows)
+    out["notes"] = [
+        "; ".join(_partition_notes(row, classes)) for row in out.to_dict("records")
+    ] if len(out) else []
     order = {p: i for i, p in enumerate(PARTITIONS)}
     return out.sort_values(
         ["fold", "partition"], key=lambda s: s.map(order) if s.name == "partition" else s, ignore_index=True
     )
+
+
+def _partition_notes(row: Mapping, classes: Sequence[int]) -> list[str]:
+    """Why a metric of this partition will be empty (one class, no events), in words."""
+    notes = []
+    present = [c for c in classes if row.get(f"n_class_{c}", 0) > 0]
+    if classes and len(present) < len(classes):
+        missing = [c for c in classes if c not in present]
+        if row["partition"] == "train":
+            notes.append(f"class(es) {missing} absent from train: the classifier never sees them")
+        elif len(present) == 1:
+            notes.append(f"only class {present[0]}: AUC/balanced accuracy undefined")
+        elif present:
+            notes.append(f"class(es) {missing} absent")
+    if row["n_patients"] > 0 and row["n_events"] == 0:
+        notes.append("no events (all censored): c-index undefined" if row["partition"] != "train"
+                     else "no events in train: the Cox probe cannot be fitted")
+    return notes
+
+
+def split_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per fold/partition with a note (from ``partition_summary``)."""
+    if "notes" not in summary:
+        return []
+    return [
+        f"fold {int(r.fold)} {r.partition}: {r.notes}" for r in summary.itertuples() if r.notes
+    ]
 
 
 def _finish(cases: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
@@ -410,9 +460,12 @@ def make_splits(
         write_json(report, out.with_name(out.stem + ".import.json"))
     df = _finish(cases, df)
     check_no_leakage(df)
+    summary = partition_summary(cases, df)
+    for note in split_notes(summary):
+        log.warning("splits: %s", note)
     _write_parquet(df, out_parquet)
     if summary_path is not None:
-        _write_summary(partition_summary(cases, df), summary_path)
+        _write_summary(summary, summary_path)
     return df
 
 

@@ -118,7 +118,24 @@ def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise InputError(f"cohort sheet {path} does not exist; set cohorts.<name>.sheet in your config")
-    sheet = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "patient_id": str, "path": str})
+    try:
+        sheet = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "patient_id": str, "path": str})
+    except pd.errors.EmptyDataError as exc:
+        raise InputError(
+            f"cohort sheet {path} is empty (0 bytes); write a TSV with a header slide_id, patient_id, path[, mpp] "
+            "and one row per slide (`modaltune sheet SLIDE_DIR > cohort_sheet.tsv` builds one)"
+        ) from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise InputError(f"cohort sheet {path}: not a readable tab-separated file ({exc})") from exc
+    sheet.columns = [str(c).strip().lstrip("\ufeff") for c in sheet.columns]
+    if sheet.empty:
+        raise InputError(
+            f"cohort sheet {path} has a header but no slides; add one row per slide "
+            "(`modaltune sheet SLIDE_DIR > cohort_sheet.tsv` builds one)"
+        )
+    for col in ("slide_id", "patient_id", "path"):  # stray spaces / Windows line endings around ids
+        if col in sheet:
+            sheet[col] = sheet[col].map(lambda v: v.strip() if isinstance(v, str) else v)
     base = path.parent
     if "path" in sheet:
         sheet["path"] = [p if os.path.isabs(p) else os.path.normpath(base / p) for p in sheet["path"]]
@@ -151,6 +168,14 @@ def combined_sheet(paths: list[str] | str | pd.DataFrame) -> pd.DataFrame:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     return pd.concat([read_sheet(p) for p in paths], ignore_index=True)
+
+
+def config_digest(config: dict) -> str:
+    """Short sha256 of the whole config (a param that reruns the preflight on any config edit)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def limit_threads(n: int) -> None:

@@ -1,5 +1,11 @@
 """Models (plain nn.Modules, no I/O) behind a small registry."""
 
-from modaltune.models.registry import ModelDims, available_models, build_model, positional_grid, register_model
+from modaltune.models.registry import (
+    ModelDims,
+    available_models,
+    build_model,
+    positional_grid,
+    register_model,
+)
 
 __all__ = ["ModelDims", "available_models", "build_model", "positional_grid", "register_model"]

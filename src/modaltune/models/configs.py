@@ -188,6 +188,23 @@ def modaltune_config(cfg: dict | None) -> dict:
     return merge_config(cfg, modaltune_defaults(cfg))
 
 
+# Keys a ModalTune block may carry besides those of paper_config() (generic, or read with a default).
+_EXTRA_KEYS = {"": {"arch", "objective", "training", "name", "description"},
+               "backbone": {"in_chans", "encoder_drop_path_rate"}}
+
+
+def check_config_keys(cfg: dict, base: dict | None = None, where: str = "") -> None:
+    """InputError naming the first unknown key (a typo would otherwise run with the paper's value)."""
+    base = modaltune_defaults(cfg) if base is None else base
+    for key, val in (cfg or {}).items():
+        if key not in base and key not in _EXTRA_KEYS.get(where, set()):
+            valid = sorted(set(base) | _EXTRA_KEYS.get(where, set()))
+            raise InputError(f"model config: unknown key {(where + '.' if where else '') + key!r}; "
+                             f"valid keys{' of ' + where if where else ''}: {valid}")
+        if isinstance(val, dict) and isinstance(base.get(key), dict):
+            check_config_keys(val, base[key], key)
+
+
 # ------------------------------------------------------------------------------------- workflow resolution
 def tile_size_for(kind: str, coords_space: str, patch_size: int, target_mpp: float = 0.5) -> int:
     """Grid cell (px in the coordinate space) of one tile for encoder ``kind``.

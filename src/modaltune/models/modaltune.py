@@ -23,7 +23,15 @@ from torch.utils.checkpoint import checkpoint
 from modaltune.errors import InputError
 from modaltune.models.adapter import ModalAdapter, init_linear_ln
 from modaltune.models.backbones import build_backbone
-from modaltune.models.configs import demo_config, merge_config, modaltune_config, paper_config, titan_config
+from modaltune.models.configs import (
+    check_config_keys,
+    demo_config,
+    merge_config,
+    modaltune_config,
+    modaltune_defaults,
+    paper_config,
+    titan_config,
+)
 from modaltune.models.gene_encoder import GeneMixerEncoder
 from modaltune.models.registry import ModelDims, register_model
 
@@ -227,6 +235,7 @@ class ModalTune(nn.Module):
 @register_model("modaltune")
 def build_modaltune(cfg: dict, dims: ModelDims) -> ModalTune:
     """Registry builder: ``cfg`` is overlaid on ``paper_config()`` (``titan_config()`` for a TITAN backbone)."""
+    check_config_keys(cfg, modaltune_defaults(cfg))
     return ModalTune(cfg, dims)
 
 

@@ -74,3 +74,38 @@ def build_model(arch: str, cfg: dict, dims: ModelDims):
             f"{sorted(_REGISTRY)}"
         )
     return _REGISTRY[arch](cfg, dims)
+
+
+def check_model_block(name: str, block: dict, feature_dim: int | None = None) -> None:
+    """Config-time check of ``models.<name>``: the arch exists and the builder accepts every key.
+
+    Builds the model on PyTorch's meta device (no memory, no weights read; checkpoints are checked
+    elsewhere) with small stand-in dims; any error is re-raised as an InputError naming the block.
+    """
+    import copy
+
+    import torch
+
+    from modaltune.errors import InputError
+
+    cfg = copy.deepcopy(dict(block))
+    arch = cfg.get("arch")
+    _load_all()
+    if arch not in _REGISTRY:
+        raise InputError(f"config models.{name}.arch={arch!r}: unknown architecture; use one of {sorted(_REGISTRY)}")
+    for sub in (cfg, *(v for v in cfg.values() if isinstance(v, dict))):
+        if isinstance(sub.get("backbone"), dict):
+            sub["backbone"]["checkpoint"] = None  # no weights read at config time
+    dims = ModelDims(feature_dim=int(feature_dim or 16), n_genes=8, pathway_groups=[[0, 1, 2, 3], [4, 5, 6, 7]],
+                     clinical_dim=8, n_classes=2, n_bins=4, text_dim=8)
+    try:
+        try:
+            with torch.device("meta"):
+                _REGISTRY[arch](cfg, dims)
+        except RuntimeError:  # an op without a meta kernel (repeat_interleave): build for real on the CPU
+            with torch.device("cpu"):
+                _REGISTRY[arch](cfg, dims)
+    except InputError as exc:
+        raise InputError(f"config models.{name}: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"config models.{name} (arch {arch}): the block does not build: {exc!r}") from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -28,13 +27,13 @@ def objective_of(cfg: dict, allowed: Iterable[str] = SUPERVISED, default: str = 
 
 
 def check_keys(cfg: dict, known: Iterable[str]) -> None:
-    """Warn (not fail) on config keys a builder does not read: a typo should not pass silently."""
+    """InputError on config keys a builder does not read: a typo (``hiden: 32``) must not run with the
+    default (the schema cannot know each architecture's keys, so the builder checks them)."""
     unknown = sorted(set(cfg) - set(known) - _GENERIC_KEYS)
     if unknown:
-        warnings.warn(
-            f"model config for arch {cfg.get('arch', '?')!r}: keys {unknown} are not used "
-            f"(known: {sorted(set(known))})",
-            stacklevel=3,
+        raise InputError(
+            f"model config for arch {cfg.get('arch', '?')!r}: unknown key(s) {unknown}; valid keys: "
+            f"{sorted(set(known) | _GENERIC_KEYS)}; fix the key in the model's block under models:"
         )
 
 

@@ -25,6 +25,7 @@ from modaltune.models.baselines.common import (
     objective_of,
     patch_inputs,
 )
+from modaltune.models.configs import check_config_keys, modaltune_defaults
 from modaltune.models.registry import ModelDims, register_model
 
 
@@ -32,6 +33,7 @@ def build_slide_backbone(bcfg: dict, dims: ModelDims) -> nn.Module:
     """The frozen-encoder module of the ModalTune model (``backbone.type`` longnet or titan), built from the
     same config keys, with the defaults of the encoder type for any key left out; weights from
     ``backbone.checkpoint``."""
+    check_config_keys({"backbone": bcfg}, modaltune_defaults({"backbone": bcfg}))  # a typo must not run with a default
     return build_backbone(bcfg, dims.feature_dim)
 
 
