@@ -30,7 +30,8 @@ import pandas as pd
 
 from modaltune.errors import InputError, SlideError
 from modaltune.io_utils import write_json
-from modaltune.workflow import cohort_inputs, demo_dir, load_sheet, site_cohorts, target_models
+from modaltune.models.configs import model_config
+from modaltune.workflow import cohort_inputs, demo_dir, load_sheet, site_cohorts, target_cohorts, target_models
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,14 @@ def check_models(config: dict, feature_dim: int | None) -> list[str]:
     from modaltune.models.registry import check_model_block
 
     problems = []
-    for name in target_models(config):
-        try:
-            with _capture_warnings("modaltune.models"):  # "randomly initialised": expected here
-                check_model_block(name, config["models"][name], feature_dim=feature_dim)
-        except InputError as exc:
-            problems.append(str(exc))
-    return problems
+    for cohort in target_cohorts(config):  # demo cohorts get the demo sizes, others the paper's
+        for name in target_models(config):
+            try:
+                with _capture_warnings("modaltune.models"):  # "randomly initialised": expected here
+                    check_model_block(name, model_config(config, name, cohort), feature_dim=feature_dim)
+            except InputError as exc:
+                problems.append(str(exc))
+    return list(dict.fromkeys(problems))
 
 
 def checkpoint_entries(config: dict) -> list[tuple[str, str]]:
