@@ -6,9 +6,17 @@ rule tile:
         slide=slide_file,
     output:
         h5=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.h5",
-        qc=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
+        qc=report(
+            f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
+            category="QC",
+            subcategory="tiling thumbnails",
+            labels={"slide": "{slide}", "cohort": "{cohort}"},
+            caption="../report/tile_thumbnail.rst",
+        ),
     log:
         "logs/tile/{cohort}/{slide}.log",
+    benchmark:
+        "benchmarks/out/tile/{cohort}/{slide}.tsv"
     group:
         "slides"
     conda:

@@ -7,6 +7,18 @@ rule train:
     output:
         state=f"{RUN}/state.pt",
         history=f"{RUN}/history.parquet",
+        curve=report(
+            f"{RUN}/curve.png",
+            category="Training",
+            subcategory="{model}",
+            labels={
+                "cohort": "{cohort}",
+                "model": "{model}",
+                "seed": "{seed}",
+                "fold": "{fold}",
+            },
+            caption="../report/run_curve.rst",
+        ),
     log:
         "logs/train/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     benchmark:
@@ -32,6 +44,8 @@ rule evaluate:
         embeddings=f"{RUN}/embeddings.npz",
     log:
         "logs/evaluate/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
+    benchmark:
+        "benchmarks/out/evaluate/{cohort}/{model}/seed_{seed}_fold_{fold}.tsv"
     conda:
         "../envs/train.yaml"
     resources:
@@ -52,6 +66,8 @@ rule evaluate_ood:
         embeddings=f"{RESULTS}/{{eval_cohort}}/ood/{{cohort}}/{{model}}/seed_{{seed}}/fold_{{fold}}/embeddings.npz",
     log:
         "logs/evaluate_ood/{eval_cohort}/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
+    benchmark:
+        "benchmarks/out/evaluate_ood/{eval_cohort}/{cohort}/{model}/seed_{seed}_fold_{fold}.tsv"
     conda:
         "../envs/train.yaml"
     resources:
