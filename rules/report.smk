@@ -1,6 +1,11 @@
 # Comparison tables, plots, cost and run manifest per cohort; every file is registered for
 # `snakemake --report results/report.html` (captions in report/*.rst).
 
+from modaltune.report_rst import register_directives
+
+# `.. modaltune-image::` for the report's front page (report/workflow.rst).
+register_directives()
+
 TABLES = f"{RESULTS}/{{cohort}}/tables"
 PLOTS = f"{RESULTS}/{{cohort}}/plots"
 # Rules holding a GPU (resources: gpu=1): their wall hours are the run's GPU hours.
