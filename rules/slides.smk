@@ -6,13 +6,9 @@ rule tile:
         slide=slide_file,
     output:
         h5=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.h5",
-        qc=report(
-            f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
-            category="QC",
-            subcategory="tiling thumbnails",
-            labels={"slide": "{slide}", "cohort": "{cohort}"},
-            caption="../report/tile_thumbnail.rst",
-        ),
+        # QC thumbnail; the report shows a contact sheet of them (aggregate: plots/tiling_qc.png) rather than
+        # embedding every slide's thumbnail in the report HTML (20,000 slides would make it huge).
+        qc=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
     log:
         "logs/tile/{cohort}/{slide}.log",
     benchmark:

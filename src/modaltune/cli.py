@@ -191,7 +191,11 @@ def run(args: argparse.Namespace) -> None:
     elif cmd == "aggregate":
         from modaltune.aggregate import aggregate
 
-        print(aggregate(args.metrics, args.out).to_string())
+        def siblings(name):  # run outputs next to each metrics.json, when present
+            return [str(q) for m in args.metrics if (q := Path(m).with_name(name)).exists()]
+
+        print(aggregate(args.metrics, args.out, history_files=siblings("history.parquet"),
+                        prediction_files=siblings("predictions.parquet")).to_string())
     elif cmd == "cost":
         from modaltune.cost import estimate, load_rates
 
