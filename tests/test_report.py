@@ -122,6 +122,22 @@ def test_km_split_uses_the_training_median_risk_not_the_test_median():
     assert (rf_groups["group"] == "high").sum() == 6  # 15..20; a test-median split would give 5
 
 
+def test_km_pan_cancer_is_split_per_site():
+    rows = []
+    for site, base in (("BRCA", 0.0), ("NSCLC", 100.0)):  # NSCLC risks all above BRCA's
+        rows.append(pd.DataFrame({"patient_id": [f"{site}{i}" for i in range(8)],
+                                  "partition": ["train"] * 4 + ["test"] * 4, "site": site, "label": 0,
+                                  "time": 1.0 + np.arange(8), "event": 1.0,
+                                  "risk": base + np.array([1, 2, 3, 4, 1.5, 2.5, 3.5, 4.5])}))
+    preds = pd.concat(rows).assign(model_id="snn", seed=0, fold=0, eval_cohort="PAN", subtype_reported=False,
+                                   survival_reported=True)
+    g = plots.km_groups(preds)
+    assert set(g["eval_cohort"]) == {"PAN / BRCA", "PAN / NSCLC"}
+    # per site: 1.5 low, 2.5 low (median 2.5 is not above), 3.5 and 4.5 high; a pooled split would put
+    # every NSCLC patient in the high group
+    assert g.groupby("eval_cohort")["group"].apply(lambda x: (x == "high").sum()).tolist() == [2, 2]
+
+
 def test_km_roc_confusion_draw_one_panel_per_model_reported_on_the_task(tmp_path):
     files = rf.write_cohort(tmp_path / "runs")
     df = agg.load_metrics(files)

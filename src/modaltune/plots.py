@@ -68,11 +68,15 @@ def km_groups(preds: pd.DataFrame) -> pd.DataFrame:
     """Test patients of every survival-reported run split at the median risk of that run's TRAIN rows.
 
     Returns one row per (model_id, eval_cohort, seed, fold, patient): time, event, risk, ``group``
-    ("high" when risk > the training median, else "low"). The split is fitted on training patients only."""
+    ("high" when risk > the training median, else "low"). The split is fitted on training patients only.
+    Pan-cancer cohorts (several ``site`` values) are split and drawn per site ("PANCAN / BRCA")."""
     cols = ["model_id", "eval_cohort", "seed", "fold", "patient_id", "time", "event", "risk", "group"]
     if preds.empty:
         return pd.DataFrame(columns=cols)
     p = preds[preds["survival_reported"].astype(bool) & preds["risk"].notna()]
+    if "site" in p.columns and p.groupby("eval_cohort")["site"].nunique().gt(1).any():
+        # pan-cancer: one split and one panel per site (risks of different sites are not comparable)
+        p = p.assign(eval_cohort=p["eval_cohort"].astype(str) + " / " + p["site"].astype(str))
     out = []
     for _, g in p.groupby(["model_id", "eval_cohort", "seed", "fold"]):
         train = g[g["partition"] == "train"]["risk"]
