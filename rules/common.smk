@@ -158,6 +158,10 @@ def all_targets():
     targets += [
         f"{RESULTS}/{pair['eval']}/tables/summary.md" for pair in config.get("ood", [])
     ]
+    # the report's cross-cohort tables, cost and manifest (rules/report.smk)
+    targets += [f"{RESULTS}/tables/subtype.md", f"{RESULTS}/tables/survival.md"]
+    for c in target_cohorts(config):
+        targets += [f"{RESULTS}/{c}/cost/stages.tsv", f"{RESULTS}/{c}/manifest.json"]
     return list(dict.fromkeys(targets))
 
 

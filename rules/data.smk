@@ -11,6 +11,8 @@ rule rna_pathways:
         report=f"{RESULTS}/{{cohort}}/genomics/report.json",
     log:
         "logs/rna_pathways/{cohort}.log",
+    benchmark:
+        "benchmarks/out/rna_pathways/{cohort}.tsv"
     wildcard_constraints:
         cohort=_alt(SITE_COHORTS),
     conda:
@@ -34,6 +36,8 @@ rule clinical_table:
         report=f"{RESULTS}/{{cohort}}/clinical/report.json",
     log:
         "logs/clinical_table/{cohort}.log",
+    benchmark:
+        "benchmarks/out/clinical_table/{cohort}.tsv"
     wildcard_constraints:
         cohort=_alt(SITE_COHORTS),
     conda:
@@ -55,6 +59,8 @@ rule splits:
         summary=f"{RESULTS}/{{cohort}}/splits/{{scheme}}_summary.tsv",
     log:
         "logs/splits/{cohort}_{scheme}.log",
+    benchmark:
+        "benchmarks/out/splits/{cohort}_{scheme}.tsv"
     wildcard_constraints:
         cohort=_alt(SITE_COHORTS),
     conda:
@@ -82,6 +88,8 @@ rule pancancer_merge:
         splits=f"{RESULTS}/{{cohort}}/splits/{SCHEME}.parquet",
     log:
         "logs/pancancer_merge/{cohort}.log",
+    benchmark:
+        "benchmarks/out/pancancer_merge/{cohort}.tsv"
     wildcard_constraints:
         cohort=_alt(PANCANCER),
     conda:
@@ -100,6 +108,8 @@ rule text_targets:
         h5=f"{RESULTS}/{{cohort}}/text/fold_{{fold}}.h5",
     log:
         "logs/text_targets/{cohort}_fold_{fold}.log",
+    benchmark:
+        "benchmarks/out/text_targets/{cohort}_fold_{fold}.tsv"
     conda:
         "../envs/text.yaml"
     resources:

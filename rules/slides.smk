@@ -7,9 +7,13 @@ rule tile:
         preflight=PREFLIGHT,
     output:
         h5=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.h5",
+        # QC thumbnail; the report shows a contact sheet of them (aggregate: plots/tiling_qc.png) rather than
+        # embedding every slide's thumbnail in the report HTML (20,000 slides would make it huge).
         qc=f"{RESULTS}/{{cohort}}/tiles/{{slide}}.png",
     log:
         "logs/tile/{cohort}/{slide}.log",
+    benchmark:
+        "benchmarks/out/tile/{cohort}/{slide}.tsv"
     group:
         "slides"
     conda:

@@ -7,7 +7,18 @@ rule train:
     output:
         state=f"{RUN}/state.pt",
         history=f"{RUN}/history.parquet",
-        curve=f"{RUN}/curve.png",
+        curve=report(
+            f"{RUN}/curve.png",
+            category="Training",
+            subcategory="{model}",
+            labels={
+                "cohort": "{cohort}",
+                "model": "{model}",
+                "seed": "{seed}",
+                "fold": "{fold}",
+            },
+            caption="../report/run_curve.rst",
+        ),
     log:
         "logs/train/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
     benchmark:
@@ -35,6 +46,8 @@ rule evaluate:
         predictions=f"{RUN}/predictions.parquet",
     log:
         "logs/evaluate/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
+    benchmark:
+        "benchmarks/out/evaluate/{cohort}/{model}/seed_{seed}_fold_{fold}.tsv"
     conda:
         "../envs/train.yaml"
     resources:
@@ -56,6 +69,8 @@ rule evaluate_ood:
         predictions=f"{RESULTS}/{{eval_cohort}}/ood/{{cohort}}/{{model}}/seed_{{seed}}/fold_{{fold}}/predictions.parquet",
     log:
         "logs/evaluate_ood/{eval_cohort}/{cohort}/{model}/seed_{seed}_fold_{fold}.log",
+    benchmark:
+        "benchmarks/out/evaluate_ood/{eval_cohort}/{cohort}/{model}/seed_{seed}_fold_{fold}.tsv"
     conda:
         "../envs/train.yaml"
     resources:

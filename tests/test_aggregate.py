@@ -46,11 +46,15 @@ def test_summary_mean_std_and_tables(tmp_path):
     assert (tmp_path / "out/tables/summary.csv").exists() and (tmp_path / "out/plots/summary.png").exists()
     md = (tmp_path / "out/tables/summary.md").read_text()
     assert "| modaltune | BRCA | 0.820 ± 0.016 (n=5)" in md
+    # schema-1 files: the task tables lead, built from the objective (text_kl -> both tasks, probe values)
+    assert md.startswith("## Task tables") and "| modaltune | probe | 0.820 ± 0.016 (n=5) | 0.820 |" in md
     paired = pd.read_csv(tmp_path / "out/tables/paired.csv")
+    paired = paired[paired["table"] == "probe"]  # the headline probe metrics of every model
     row = paired[(paired.other == "abmil") & (paired.metric == "subtype_bacc")].iloc[0]
     assert row["n_pairs"] == 5
     assert row["mean_diff"] == pytest.approx(np.mean((0.8 + 0.01 * np.arange(5)) - (0.7 + 0.02 * np.arange(5))))
     assert 0 < row["wilcoxon_p"] <= 1
+    assert row["ci_lo"] < row["mean_diff"] < row["ci_hi"]
     row_c = paired[(paired.other == "abmil") & (paired.metric == "survival_cindex")].iloc[0]
     assert row_c["n_pairs"] == 4 and pd.isna(row_c["wilcoxon_p"])  # < 5 pairs: no test
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_PARTS = ("Snakefile", "rules", "workflow", "config", "envs", "profiles")
+WORKFLOW_PARTS = ("Snakefile", "rules", "workflow", "config", "envs", "profiles", "report")
 
 
 def make_workdir(dest: Path, overrides: dict) -> Path:
@@ -109,7 +109,9 @@ def test_deleting_one_output_reruns_only_that_job(demo_run):
     res = snakemake(demo_run, "-c1", target, *TRIGGERS)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run / "metrics.json").exists()
-    assert planned_jobs(demo_run, "--forcerun", "aggregate", *TRIGGERS) == {"aggregate": 1, "all": 1}
+    # the cost table and the manifest read aggregate's throughput / failures tables
+    assert planned_jobs(demo_run, "--forcerun", "aggregate", *TRIGGERS) == {"aggregate": 1, "cost": 1, "manifest": 1,
+                                                                           "all": 1}
 
 
 @pytest.mark.slow
@@ -125,3 +127,20 @@ def test_rerun_one_slide_and_one_run_alone(demo_run):
 
     run = "results/demo/runs/snn/seed_0/fold_1/state.pt"
     assert planned_jobs(demo_run, run, "--force", *TRIGGERS) == {"train": 1}
+
+
+@pytest.mark.slow
+def test_report_of_the_demo_renders_in_chromium(demo_run, tmp_path):
+    """`snakemake --report` after the demo: the front page shows the task tables, Kaplan-Meier and a heatmap."""
+    from tests.test_browser import check_report_page, chromium, render
+
+    chromium()
+    res = snakemake(demo_run, "--report", "results/report.html")
+    assert res.returncode == 0, res.stderr[-5000:]
+    page = render(demo_run / "results/report.html", tmp_path)
+    # heatmaps are a DAG stage once a rule registers files under the Heatmaps category
+    has_heatmaps = any('category="Heatmaps"' in f.read_text() for f in (demo_run / "rules").glob("*.smk"))
+    check_report_page(page, heatmap=has_heatmaps)
+    assert "snn" in page["text"] and "Sections:" in page["text"]
+    for cat in ("Tables", "Survival", "Classification", "Training", "QC", "Cost"):
+        assert cat in page["text"], cat  # every category is in the navigation

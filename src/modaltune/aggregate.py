@@ -1,11 +1,23 @@
-"""Summary tables and plots over folds x seeds, paired model comparisons, failures / throughput tables.
+"""Comparison tables and plots over folds x seeds, paired model comparisons, failures / throughput tables.
 
-Std convention: the sample standard deviation (ddof=1) over all (seed, fold) runs of a model on one
-evaluation cohort; ``n`` runs are shown next to it (a single run has no std). No torch here (CPU rule).
+Two kinds of table (issue 16.2):
+
+* **Task tables** (the paper's layout): a subtype table and a survival table, rows = models, columns =
+  evaluation cohorts + "Overall" (mean over cohorts). A model appears in a task table only when its
+  metrics.json task block says ``reported: true`` (classification models in the subtype table, survival
+  models in the survival table, text_kl / probe-only models in both); the row states the metric source
+  (``head`` = the model's own head, ``probe`` = linear probe on the frozen embedding).
+* **Probe table** (``summary.csv``, secondary): the linear-probe metrics of every embedding on every task.
+
+Cells: mean ± sample std (ddof=1) over all (seed, fold) runs of a model on one cohort, n runs, and in
+brackets the bootstrap 95 % CI over test patients (from metrics.json), averaged over the runs.
+Old metrics files (schema 1, no task blocks) are read too: the task is inferred from the objective and
+the headline probe values are used (source ``probe``, no CI). No torch here (CPU rule).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 from pathlib import Path
@@ -13,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from modaltune import plots
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path
 
@@ -21,6 +34,42 @@ log = logging.getLogger(__name__)
 METRICS = ("subtype_bacc", "subtype_auroc", "survival_cindex")
 REFERENCE_ARCH = "modaltune"
 MIN_PAIRS_FOR_TEST = 5
+# Objectives reported on each task when an old metrics file has no task block (contract C1).
+TASK_OBJECTIVES = {"subtype": {"classification", "text_kl", "none"}, "survival": {"survival", "text_kl", "none"}}
+# (task, metric key in the task block, column prefix in the run table, label)
+TASK_METRICS = (("subtype", "bacc", "task_subtype_bacc", "balanced accuracy"),
+                ("subtype", "auroc", "task_subtype_auroc", "AUROC"),
+                ("survival", "cindex", "task_survival_cindex", "C-index"))
+
+# Every file ``aggregate`` writes under its out_dir (rules/report.smk declares each one).
+TABLE_FILES = ("tables/summary.md", "tables/summary.csv", "tables/summary.html", "tables/subtype.csv",
+               "tables/subtype.md", "tables/survival.csv", "tables/survival.md", "tables/paired.csv")
+PLOT_FILES = ("plots/summary.png", "plots/curves.png", "plots/km.png", "plots/roc.png", "plots/confusion.png",
+              "plots/forest_subtype.png", "plots/forest_survival.png", "plots/tiling_qc.png")
+SLIDE_FILES = ("failures.tsv", "throughput.tsv")
+
+
+def _ci(v) -> tuple[float, float]:
+    if isinstance(v, list | tuple) and len(v) == 2 and all(x is not None for x in v):
+        return float(v[0]), float(v[1])
+    return np.nan, np.nan
+
+
+def _num(v) -> float:
+    return np.nan if v is None else float(v)
+
+
+def task_block(m: dict, task: str) -> dict:
+    """The contract-C1 task block of one metrics dict; derived from the headline keys for schema-1 files."""
+    blk = m.get(task)
+    if isinstance(blk, dict) and "reported" in blk:
+        return blk
+    reported = m.get("objective") in TASK_OBJECTIVES[task]
+    if task == "subtype":
+        return {"reported": reported, "source": "probe" if reported else None, "bacc": m.get("subtype_bacc"),
+                "auroc": m.get("subtype_auroc"), "bacc_ci95": None, "auroc_ci95": None}
+    return {"reported": reported, "source": "probe" if reported else None, "cindex": m.get("survival_cindex"),
+            "cindex_ci95": None}
 
 
 def load_metrics(metrics_files: list[str]) -> pd.DataFrame:
@@ -33,11 +82,24 @@ def load_metrics(metrics_files: list[str]) -> pd.DataFrame:
         missing = [k for k in ("model", "seed", "fold", "eval_cohort", "test_patients") if k not in m]
         if missing:
             raise InputError(f"metrics {f}: missing field(s) {missing}; rerun evaluate with this version")
-        rows.append({"file": str(f), "model": m["model"], "arch": m.get("arch", m["model"]),
-                     "train_cohort": m.get("train_cohort"), "eval_cohort": m["eval_cohort"],
-                     "seed": int(m["seed"]), "fold": int(m["fold"]),
-                     **{k: (np.nan if m.get(k) is None else float(m[k])) for k in METRICS},
-                     "test_patients": tuple(sorted(m["test_patients"]))})
+        row = {"file": str(f), "model": m["model"], "arch": m.get("arch", m["model"]),
+               "objective": m.get("objective"), "schema_version": int(m.get("schema_version", 1)),
+               "train_cohort": m.get("train_cohort"), "eval_cohort": m["eval_cohort"],
+               "seed": int(m["seed"]), "fold": int(m["fold"]),
+               **{k: _num(m.get(k)) for k in METRICS},
+               "test_patients": tuple(sorted(m["test_patients"]))}
+        probe_ci = m.get("probe_ci95") or {}
+        for k in METRICS:
+            row[f"{k}_lo"], row[f"{k}_hi"] = _ci(probe_ci.get(k))
+        for task in ("subtype", "survival"):
+            blk = task_block(m, task)
+            row[f"{task}_reported"] = bool(blk.get("reported"))
+            row[f"{task}_source"] = blk.get("source")
+        for task, key, col, _ in TASK_METRICS:
+            blk = task_block(m, task)
+            row[col] = _num(blk.get(key)) if row[f"{task}_reported"] else np.nan
+            row[f"{col}_lo"], row[f"{col}_hi"] = _ci(blk.get(f"{key}_ci95"))
+        rows.append(row)
     df = pd.DataFrame(rows)
     # OOD rows: one model name may be trained on several cohorts (site vs pan-cancer) -> keep them apart.
     ood = df["train_cohort"].notna() & (df["train_cohort"] != df["eval_cohort"])
@@ -57,26 +119,70 @@ def check_paired(df: pd.DataFrame) -> None:
             )
 
 
+def _stats(values: pd.Series, lo: pd.Series, hi: pd.Series) -> dict:
+    ok = values.notna()
+    v = values[ok]
+    return {"n": int(len(v)), "mean": float(v.mean()) if len(v) else np.nan,
+            "std": float(v.std(ddof=1)) if len(v) > 1 else np.nan,
+            "ci_lo": float(lo[ok].mean()) if lo[ok].notna().any() else np.nan,
+            "ci_hi": float(hi[ok].mean()) if hi[ok].notna().any() else np.nan}
+
+
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """The probe table: every model's linear-probe metrics on every task, per evaluation cohort."""
     out = []
     for (model, cohort), g in df.groupby(["model_id", "eval_cohort"], sort=True):
         row = {"model": model, "arch": g["arch"].iloc[0], "train_cohort": g["train_cohort"].iloc[0],
                "eval_cohort": cohort, "n_runs": len(g)}
         for k in METRICS:
-            v = g[k].dropna()
-            row[f"{k}_n"] = len(v)
-            row[f"{k}_mean"] = float(v.mean()) if len(v) else np.nan
-            row[f"{k}_std"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
+            s = _stats(g[k], g[f"{k}_lo"], g[f"{k}_hi"])
+            row.update({f"{k}_{stat}": val for stat, val in s.items()})
         out.append(row)
     return pd.DataFrame(out)
 
 
+def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """One task table in long form: (model, eval_cohort | "Overall") rows with mean/std/n/CI per metric.
+
+    Only runs whose task block says ``reported`` enter; the Overall row is the mean over the cohorts'
+    means (cohorts without a value are left out; its std is the std over cohort means)."""
+    cols = [(key, col) for t, key, col, _ in TASK_METRICS if t == task]
+    sub = df[df[f"{task}_reported"]]
+    rows = []
+    for model, gm in sub.groupby("model_id", sort=True):
+        sources = sorted({s for s in gm[f"{task}_source"] if s})
+        per_cohort = []
+        for cohort, g in gm.groupby("eval_cohort", sort=True):
+            row = {"model": model, "arch": g["arch"].iloc[0], "source": "/".join(sources) or None,
+                   "eval_cohort": cohort, "n_runs": len(g)}
+            for key, col in cols:
+                row.update({f"{key}_{stat}": val for stat, val in _stats(g[col], g[f"{col}_lo"],
+                                                                         g[f"{col}_hi"]).items()})
+            per_cohort.append(row)
+        overall = {"model": model, "arch": gm["arch"].iloc[0], "source": "/".join(sources) or None,
+                   "eval_cohort": "Overall", "n_runs": len(gm)}
+        for key, _ in cols:
+            means = pd.Series([r[f"{key}_mean"] for r in per_cohort], dtype=float).dropna()
+            overall.update({f"{key}_n": int(len(means)), f"{key}_mean": float(means.mean()) if len(means) else
+                            np.nan, f"{key}_std": float(means.std(ddof=1)) if len(means) > 1 else np.nan,
+                            f"{key}_ci_lo": np.nan, f"{key}_ci_hi": np.nan})
+        rows += per_cohort + [overall]
+    stat_cols = [f"{key}_{s}" for key, _ in cols for s in ("n", "mean", "std", "ci_lo", "ci_hi")]
+    return pd.DataFrame(rows, columns=["model", "arch", "source", "eval_cohort", "n_runs", *stat_cols])
+
+
 def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
-    """ModalTune (arch "modaltune") minus each other model over identical (seed, fold) pairs."""
-    from scipy.stats import wilcoxon
+    """ModalTune (arch "modaltune") minus each other model over identical (seed, fold) pairs.
+
+    ``table`` = probe: the headline linear-probe metrics of every model; ``table`` = task: the reported
+    task metric (only models reported on that task). ``ci_lo``/``ci_hi``: t-interval (95 %) of the mean
+    paired difference; ``wilcoxon_p`` from at least MIN_PAIRS_FOR_TEST pairs."""
+    from scipy import stats
 
     rows = []
     refs = sorted(df.loc[df["arch"] == REFERENCE_ARCH, "model_id"].unique())
+    metrics = [("probe", k, k) for k in ("subtype_bacc", "survival_cindex")]
+    metrics += [("task", "task_subtype_bacc", "subtype_bacc"), ("task", "task_survival_cindex", "survival_cindex")]
     for cohort, g in df.groupby("eval_cohort"):
         for ref in refs:
             a = g[g["model_id"] == ref].set_index(["seed", "fold"])
@@ -84,87 +190,156 @@ def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
                 continue
             for other in sorted(set(g["model_id"]) - {ref}):
                 b = g[g["model_id"] == other].set_index(["seed", "fold"])
-                for k in ("subtype_bacc", "survival_cindex"):
-                    j = a[[k]].join(b[[k]], lsuffix="_ref", rsuffix="_other", how="inner").dropna()
-                    d = (j[f"{k}_ref"] - j[f"{k}_other"]).to_numpy()
-                    p = None
+                for table, col, name in metrics:
+                    j = a[[col]].join(b[[col]], lsuffix="_ref", rsuffix="_other", how="inner").dropna()
+                    if table == "task" and j.empty:
+                        continue  # one of the two is not reported on this task
+                    d = (j[f"{col}_ref"] - j[f"{col}_other"]).to_numpy()
+                    p, lo, hi = None, np.nan, np.nan
                     if len(d) >= MIN_PAIRS_FOR_TEST:
-                        p = 1.0 if np.allclose(d, 0) else float(wilcoxon(d).pvalue)
-                    rows.append({"eval_cohort": cohort, "reference": ref, "other": other, "metric": k,
-                                 "n_pairs": len(d), "mean_diff": float(d.mean()) if len(d) else np.nan,
-                                 "wilcoxon_p": p})
-    return pd.DataFrame(rows, columns=["eval_cohort", "reference", "other", "metric", "n_pairs", "mean_diff",
-                                       "wilcoxon_p"])
+                        p = 1.0 if np.allclose(d, 0) else float(stats.wilcoxon(d).pvalue)
+                    if len(d) >= 2:
+                        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+                        lo, hi = float(d.mean() - half), float(d.mean() + half)
+                    rows.append({"eval_cohort": cohort, "reference": ref, "other": other, "table": table,
+                                 "metric": name, "n_pairs": len(d),
+                                 "mean_diff": float(d.mean()) if len(d) else np.nan,
+                                 "ci_lo": lo, "ci_hi": hi, "wilcoxon_p": p})
+    return pd.DataFrame(rows, columns=["eval_cohort", "reference", "other", "table", "metric", "n_pairs",
+                                       "mean_diff", "ci_lo", "ci_hi", "wilcoxon_p"])
 
 
-def _fmt(mean, std, n) -> str:
+def _fmt(mean, std, n, lo=np.nan, hi=np.nan) -> str:
     if not np.isfinite(mean):
         return "–"
-    return f"{mean:.3f} ± {std:.3f} (n={n})" if np.isfinite(std) else f"{mean:.3f} (n={n})"
+    s = f"{mean:.3f} ± {std:.3f}" if np.isfinite(std) else f"{mean:.3f}"
+    if np.isfinite(lo) and np.isfinite(hi):
+        s += f" [{lo:.2f}, {hi:.2f}]"
+    return s if n is None else s + f" (n={n})"
+
+
+def _md(head: list[str], rows: list[list[str]]) -> list[str]:
+    # Hand-written: pandas.to_markdown needs the optional `tabulate` package.
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def task_grid(table: pd.DataFrame, key: str) -> tuple[list[str], list[list[str]]]:
+    """The paper layout of one metric: header and formatted rows (model, source, cohorts..., Overall)."""
+    cohorts = sorted(c for c in table["eval_cohort"].unique() if c != "Overall")
+    head = ["model", "source", *cohorts, "Overall"]
+    rows = []
+    for model, g in table.groupby("model", sort=True):
+        g = g.set_index("eval_cohort")
+        cells = [model, g["source"].iloc[0] or "–"]
+        for c in [*cohorts, "Overall"]:
+            if c not in g.index:
+                cells.append("–")
+                continue
+            r = g.loc[c]
+            cells.append(_fmt(r[f"{key}_mean"], r[f"{key}_std"], None if c == "Overall" else r[f"{key}_n"],
+                              r[f"{key}_ci_lo"], r[f"{key}_ci_hi"]))
+        rows.append(cells)
+    return head, rows
+
+
+TASK_NOTE = ("Cells: mean ± sample std (ddof=1) over seeds × folds [bootstrap 95 % CI over test patients, "
+             "mean over runs] (n = runs). Overall: mean over cohorts (± std over cohorts). source: head = the model's own "
+             "task head, probe = linear probe on its frozen embedding.")
+
+
+TASK_KEYS = {"subtype": (("bacc", "balanced accuracy"), ("auroc", "AUROC")), "survival": (("cindex", "C-index"),)}
+
+
+def _task_md(task: str, table: pd.DataFrame) -> list[str]:
+    out = []
+    for key, label in TASK_KEYS[task]:
+        out.append(f"### {task.capitalize()}: {label}\n")
+        out += (["No model is reported on this task.", ""] if table.empty else _md(*task_grid(table, key)) + [""])
+    return out
+
+
+def task_markdown(subtype: pd.DataFrame | None, survival: pd.DataFrame | None) -> str:
+    out = (_task_md("subtype", subtype) if subtype is not None else []) + (
+        _task_md("survival", survival) if survival is not None else [])
+    return "\n".join(out + [TASK_NOTE, ""])
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    # Hand-written: pandas.to_markdown needs the optional `tabulate` package.
     head = ["model", "eval cohort", "subtype bal. acc", "subtype AUROC", "C-index"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in summary.iterrows():
-        cells = [r["model"], r["eval_cohort"]] + [_fmt(r[f"{k}_mean"], r[f"{k}_std"], r[f"{k}_n"]) for k in METRICS]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines.append("")
-    lines.append("Mean ± sample std (ddof=1) over folds × seeds; n = runs with a value.")
-    return "\n".join(lines) + "\n"
+    rows = [[r["model"], r["eval_cohort"]] + [_fmt(r[f"{k}_mean"], r[f"{k}_std"], r[f"{k}_n"]) for k in METRICS]
+            for _, r in summary.iterrows()]
+    return "\n".join(_md(head, rows) + ["", "Mean ± sample std (ddof=1) over folds × seeds; n = runs with a value."])
 
 
-def _save_fig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+def summary_markdown(summary: pd.DataFrame, subtype: pd.DataFrame, survival: pd.DataFrame) -> str:
+    return ("## Task tables\n\n" + task_markdown(subtype, survival)
+            + "\n## Linear probes of every embedding on every task\n\n" + markdown_table(summary) + "\n")
 
 
-def plot_summary(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+def summary_html(summary: pd.DataFrame, subtype: pd.DataFrame, survival: pd.DataFrame) -> str:
+    """The task tables (and the probe table) as an HTML fragment for the report's front page."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def table(head, rows):
+        th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        return f'<table class="modaltune-summary"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
-    cohorts = sorted(summary["eval_cohort"].unique()) or [""]
-    fig, axes = plt.subplots(len(cohorts), 2, figsize=(10, 3 * len(cohorts)), squeeze=False)
-    for i, c in enumerate(cohorts):
-        s = summary[summary["eval_cohort"] == c]
-        for j, (k, name) in enumerate((("subtype_bacc", "balanced accuracy"), ("survival_cindex", "C-index"))):
-            ax = axes[i, j]
-            x = np.arange(len(s))
-            ax.bar(x, s[f"{k}_mean"].fillna(0), yerr=s[f"{k}_std"].fillna(0), capsize=3, color="tab:blue")
-            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set_xticks(x, s["model"], rotation=45, ha="right", fontsize=8)
-            ax.set(ylim=(0, 1), ylabel=name, title=f"{c}: {name}")
-    fig.tight_layout()
-    _save_fig(fig, path)
+    parts = []
+    for title, tab, key in (("Subtype: balanced accuracy", subtype, "bacc"),
+                            ("Survival: C-index", survival, "cindex")):
+        parts.append(f"<h3>{title}</h3>")
+        parts.append(table(*task_grid(tab, key)) if not tab.empty else "<p>No model is reported on this task.</p>")
+    parts.append(f"<p><small>{html.escape(TASK_NOTE)}</small></p>")
+    head = ["model", "eval cohort", "subtype bal. acc", "subtype AUROC", "C-index"]
+    rows = [[r["model"], r["eval_cohort"]] + [_fmt(r[f"{k}_mean"], r[f"{k}_std"], r[f"{k}_n"]) for k in METRICS]
+            for _, r in summary.iterrows()]
+    parts.append("<h3>Linear probes of every embedding</h3>" + table(head, rows))
+    return "\n".join(parts) + "\n"
 
 
-def plot_curves(history_files: list[str], path: Path) -> None:
-    import matplotlib
+def wide_task_csv(table: pd.DataFrame) -> pd.DataFrame:
+    """The task table in the paper layout with numeric columns: one row per model, {cohort}_{stat} columns."""
+    if table.empty:
+        return pd.DataFrame(columns=["model", "source"])
+    stats = [c for c in table.columns if c.rsplit("_", 1)[-1] in {"n", "mean", "std", "lo", "hi"}
+             and c not in {"n_runs"}]
+    wide = table.pivot(index=["model", "source"], columns="eval_cohort", values=stats)
+    cohorts = [c for c in sorted(table["eval_cohort"].unique()) if c != "Overall"] + ["Overall"]
+    wide = wide.reindex(columns=pd.MultiIndex.from_product([stats, cohorts]))
+    wide.columns = [f"{c}_{s}" for s, c in wide.columns]
+    order = [f"{c}_{s}" for c in cohorts for s in stats]
+    return wide[order].reset_index()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    for f in history_files:
-        h = pd.read_parquet(f)
-        if h.empty:
-            continue
-        parts = Path(f).parts
-        label = "/".join(parts[-4:-1]) if len(parts) >= 4 else str(f)
-        ax[0].plot(h["epoch"], h["val_loss"], marker=".", label=label)
-        ax[1].plot(h["epoch"], h["val_bacc"], marker=".", label=label)
-    ax[0].set(xlabel="epoch", ylabel="val loss")
-    ax[1].set(xlabel="epoch", ylabel="val balanced accuracy (probe)")
-    if len(history_files) <= 12 and ax[1].lines:
-        ax[1].legend(fontsize=6)
-    fig.tight_layout()
-    _save_fig(fig, path)
+def _write_csv(df: pd.DataFrame, path: Path, sep: str = ",") -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep=sep, index=False)
+
+
+def _write_text(text: str, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_task_tables(df: pd.DataFrame, out_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """tables/subtype.{csv,md} and tables/survival.{csv,md} under ``out_dir``; returns the long tables."""
+    out_dir = Path(out_dir)
+    subtype, survival = task_table(df, "subtype"), task_table(df, "survival")
+    _write_csv(wide_task_csv(subtype), out_dir / "tables" / "subtype.csv")
+    _write_csv(wide_task_csv(survival), out_dir / "tables" / "survival.csv")
+    _write_text(task_markdown(subtype, None), out_dir / "tables" / "subtype.md")
+    _write_text(task_markdown(None, survival), out_dir / "tables" / "survival.md")
+    return subtype, survival
+
+
+def comparison_tables(metrics_files: list[str], out_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cross-cohort task tables (columns = every evaluation cohort + Overall) under ``out_dir``."""
+    if not metrics_files:
+        raise InputError("comparison tables: no metrics files given; run the evaluate rule first")
+    df = load_metrics(metrics_files)
+    check_paired(df)
+    return write_task_tables(df, out_dir)
 
 
 def slide_tables(feature_files: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -191,15 +366,42 @@ def slide_tables(feature_files: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.DataFrame(speed, columns=["slide_id", "encoder", "n_tiles", "tiles_per_s", "wall_s"]))
 
 
-def _write_tsv(df: pd.DataFrame, path: Path, sep: str = "\t") -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, sep=sep, index=False)
+def qc_thumbnails(feature_inputs: list[str], thumbnails: list[str] | None = None) -> list[str]:
+    """Tiling QC thumbnails: the given ones (per-slide tile rule) plus, for shard manifests among the
+    feature inputs, the thumbnail the shard job wrote next to each tiles HDF5 it lists."""
+    out = [str(t) for t in thumbnails or []]
+    for p in feature_inputs:
+        if str(p).endswith(".tsv"):
+            out += [str(Path(t).with_suffix(".png")) for t in pd.read_csv(p, sep="\t")["tiles_h5"]]
+    return [p for p in dict.fromkeys(out) if Path(p).is_file()]
+
+
+def load_predictions(df: pd.DataFrame, prediction_files: list[str]) -> pd.DataFrame:
+    """predictions.parquet (contract C2) of the runs in ``df``, matched by run folder; adds run columns."""
+    by_dir = {str(Path(f).parent): f for f in prediction_files}
+    parts = []
+    for _, r in df.iterrows():
+        f = by_dir.get(str(Path(r["file"]).parent))
+        if f is None:
+            continue
+        try:
+            p = pd.read_parquet(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"predictions {f}: cannot read parquet ({e}); rerun the evaluate rule for it") from e
+        missing = {"patient_id", "partition", "label", "time", "event", "risk"} - set(p.columns)
+        if missing:
+            raise InputError(f"predictions {f}: missing column(s) {sorted(missing)}; rerun evaluate")
+        p = p.assign(model_id=r["model_id"], seed=r["seed"], fold=r["fold"], eval_cohort=r["eval_cohort"],
+                     subtype_reported=r["subtype_reported"], survival_reported=r["survival_reported"])
+        parts.append(p)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def aggregate(metrics_files: list[str], out_dir, *, feature_files: list[str] | None = None,
-              history_files: list[str] | None = None) -> pd.DataFrame:
-    """Write tables/summary.{csv,md}, tables/paired.csv, plots/summary.png, plots/curves.png and, given
-    feature files, failures.tsv + throughput.tsv under ``out_dir``; return the summary table.
+              history_files: list[str] | None = None, prediction_files: list[str] | None = None,
+              qc_images: list[str] | None = None) -> pd.DataFrame:
+    """Write TABLE_FILES and PLOT_FILES (and, given feature files, SLIDE_FILES) under ``out_dir``;
+    return the probe summary table.
 
     Raises ``InputError`` when two models' metrics for one (seed, fold, eval_cohort) list different test
     patients: comparisons must be paired by construction.
@@ -211,18 +413,30 @@ def aggregate(metrics_files: list[str], out_dir, *, feature_files: list[str] | N
     check_paired(df)
     summary = summarise(df)
     paired = paired_comparisons(df)
-    _write_tsv(summary, out_dir / "tables" / "summary.csv", sep=",")
-    with atomic_path(out_dir / "tables" / "summary.md") as tmp:
-        tmp.write_text(markdown_table(summary))
-    _write_tsv(paired, out_dir / "tables" / "paired.csv", sep=",")
-    plot_summary(summary, out_dir / "plots" / "summary.png")
-    plot_curves(list(history_files or []), out_dir / "plots" / "curves.png")
+    subtype, survival = write_task_tables(df, out_dir)
+    _write_csv(summary, out_dir / "tables" / "summary.csv")
+    _write_text(summary_markdown(summary, subtype, survival), out_dir / "tables" / "summary.md")
+    _write_text(summary_html(summary, subtype, survival), out_dir / "tables" / "summary.html")
+    _write_csv(paired, out_dir / "tables" / "paired.csv")
+    preds = load_predictions(df, list(prediction_files or []))
+    plots.plot_summary(summary, out_dir / "plots" / "summary.png")
+    plots.plot_training_curves(list(history_files or []), out_dir / "plots" / "curves.png")
+    plots.plot_kaplan_meier(preds, out_dir / "plots" / "km.png")
+    plots.plot_roc(preds, out_dir / "plots" / "roc.png")
+    plots.plot_confusion(preds, out_dir / "plots" / "confusion.png")
+    task_pairs = paired[paired["table"] == "task"]
+    plots.plot_forest(task_pairs[task_pairs["metric"] == "subtype_bacc"], out_dir / "plots" / "forest_subtype.png",
+                      "balanced accuracy")
+    plots.plot_forest(task_pairs[task_pairs["metric"] == "survival_cindex"],
+                      out_dir / "plots" / "forest_survival.png", "C-index")
+    plots.plot_tiling_qc(list(qc_images or []), out_dir / "plots" / "tiling_qc.png")
     if feature_files is not None:
         fails, speed = slide_tables(feature_files)
-        _write_tsv(fails, out_dir / "failures.tsv")
-        _write_tsv(speed, out_dir / "throughput.tsv")
+        _write_csv(fails, out_dir / "failures.tsv", sep="\t")
+        _write_csv(speed, out_dir / "throughput.tsv", sep="\t")
     log.info("aggregated %d runs of %d models", len(df), df["model_id"].nunique())
     return summary
 
 
-__all__ = ["aggregate", "check_paired", "paired_comparisons", "slide_tables", "summarise"]
+__all__ = ["PLOT_FILES", "SLIDE_FILES", "TABLE_FILES", "aggregate", "check_paired", "comparison_tables",
+           "load_metrics", "paired_comparisons", "qc_thumbnails", "slide_tables", "summarise", "task_block", "task_table"]

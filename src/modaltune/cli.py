@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not generate a missing demo cohort (only its config is checked)")
     p.add_argument("--json", default=None, help="also write the reports as JSON")
 
+    p = _add(sub, "cost", "estimate a cohort's wall / CPU / GPU hours from a finished run's measured rates")
+    p.add_argument("--slides", type=int, required=True, help="number of slides of the cohort to estimate")
+    p.add_argument("--patients", type=int, default=None, help="default: the measured patients per slide")
+    p.add_argument("--models", nargs="+", default=None, help="default: every model of the measured run")
+    p.add_argument("--runs", type=int, default=None, help="seeds x folds per model (default: as measured)")
+    p.add_argument("--tiles-per-slide", type=float, default=None,
+                   help="default: the measured mean (demo slides are small; real WSIs have ~10,000+ tiles)")
+    p.add_argument("--rates", default="results/demo/cost/rates.json",
+                   help="rates.json written by the workflow's cost rule")
+
     p = _add(sub, "install-profile", "install a project profile where `snakemake --profile NAME` finds it")
     p.add_argument("name", nargs="?", default="slurm")
     p.add_argument("--source", default="profiles")
@@ -204,7 +214,11 @@ def run(args: argparse.Namespace) -> None:
     elif cmd == "aggregate":
         from modaltune.aggregate import aggregate
 
-        print(aggregate(args.metrics, args.out).to_string())
+        def siblings(name):  # run outputs next to each metrics.json, when present
+            return [str(q) for m in args.metrics if (q := Path(m).with_name(name)).exists()]
+
+        print(aggregate(args.metrics, args.out, history_files=siblings("history.parquet"),
+                        prediction_files=siblings("predictions.parquet")).to_string())
     elif cmd == "sheet":
         from modaltune.sheet import build_sheet
 
@@ -233,6 +247,12 @@ def run(args: argparse.Namespace) -> None:
             write_json([r.to_json() for r in reports], args.json)
         if any(r.problems for r in reports):
             raise SystemExit(1)
+    elif cmd == "cost":
+        from modaltune.cost import estimate, load_rates
+
+        table = estimate(load_rates(args.rates), slides=args.slides, patients=args.patients, models=args.models,
+                         runs=args.runs, tiles_per_slide=args.tiles_per_slide)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif cmd == "install-profile":
         from modaltune.profiles import install_profile
 
