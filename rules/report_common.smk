@@ -9,9 +9,7 @@ PLOTS = f"{RESULTS}/{{cohort}}/plots"
 
 
 def prediction_files(cohort):
-    """predictions.parquet next to every metrics.json, once the evaluate rules declare it (contract C2)."""
-    if "predictions" not in rules.evaluate.output.keys():
-        return []
+    """predictions.parquet next to every metrics.json (written by evaluate / evaluate_ood)."""
     return [
         f[: -len("metrics.json")] + "predictions.parquet"
         for f in aggregate_metrics(cohort)
