@@ -155,4 +155,5 @@ def all_targets():
     targets += [
         f"{RESULTS}/{pair['eval']}/tables/summary.md" for pair in config.get("ood", [])
     ]
+    targets += heatmap_targets()  # defined in rules/heatmaps.smk (included later, called at rule all)
     return list(dict.fromkeys(targets))

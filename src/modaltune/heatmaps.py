@@ -420,3 +420,47 @@ def make_ranked_heatmaps(*, predictions, k: int, which: str, outputs: Sequence[d
 
 __all__ = ["geojson_features", "load_run_and_data", "make_heatmaps", "make_ranked_heatmaps", "percentile_rank",
            "rank_test_slides", "score_patient", "tile_geometry", "write_heatmap_h5"]
+
+
+# ------------------------------------------------------------------------------------------ DAG planning
+# Architectures with tile scores / pathway tokens (checked at DAG-build time from the config alone).
+TILE_ARCHS = ("abmil", "transmil", "mcat", "survpath", "modaltune", "late_fusion")
+PATHWAY_ARCHS = ("modaltune", "mcat", "survpath")
+
+
+def heatmap_plan(config: dict, sheets: dict[str, pd.DataFrame], models: Sequence[str], seeds: Sequence[int],
+                 n_folds: int) -> dict:
+    """What rules/heatmaps.smk draws, decided from config and cohort sheets only (no run results).
+
+    Returns {"models", "attribution_models", "seed", "fold", "slides": {cohort: [slide ids]},
+    "risk": {"high": k, "low": k}}. Raises InputError naming the config key when a selection is invalid.
+    """
+    hm = dict(config.get("heatmaps") or {})
+    seed, fold = int(hm.get("seed", 0)), int(hm.get("fold", 0))
+    chosen = list(hm.get("models", []))
+    attribution = list((hm.get("attribution") or {}).get("models", []))
+    for key, names, archs in (("heatmaps.models", chosen, TILE_ARCHS),
+                              ("heatmaps.attribution.models", attribution, PATHWAY_ARCHS)):
+        for m in names:
+            if m not in models:
+                raise InputError(f"config {key}: {m!r} is not among run.models {list(models)}; add it there or "
+                                 "remove it here")
+            arch = config["models"][m].get("arch", m)
+            if arch not in archs:
+                raise InputError(f"config {key}: model {m!r} (arch {arch}) has no "
+                                 f"{'tile scores' if archs is TILE_ARCHS else 'pathway tokens'}; "
+                                 f"choose models with arch in {list(archs)}")
+    if (chosen or attribution) and seed not in [int(s) for s in seeds]:
+        raise InputError(f"config heatmaps.seed={seed} is not among seeds {list(seeds)}")
+    if (chosen or attribution) and not 0 <= fold < int(n_folds):
+        raise InputError(f"config heatmaps.fold={fold}: the split scheme has folds 0..{int(n_folds) - 1}")
+    wanted = [str(s) for s in hm.get("slides", [])]
+    slides = {c: [s for s in wanted if s in sh.index] for c, sh in sheets.items()}
+    unknown = sorted(set(wanted) - {s for v in slides.values() for s in v})
+    if unknown:
+        raise InputError(f"config heatmaps.slides: {unknown[:5]} are in no cohort sheet of {sorted(sheets)}; "
+                         "use slide_id values of the cohort sheet")
+    return {"models": chosen if chosen else [], "attribution_models": attribution, "seed": seed, "fold": fold,
+            "slides": slides if chosen else {c: [] for c in sheets},
+            "risk": {"high": int(hm.get("risk_high", 0)) if chosen else 0,
+                     "low": int(hm.get("risk_low", 0)) if chosen else 0}}
