@@ -155,5 +155,6 @@ def all_targets():
     targets += [
         f"{RESULTS}/{pair['eval']}/tables/summary.md" for pair in config.get("ood", [])
     ]
-    targets += heatmap_targets()  # defined in rules/heatmaps.smk (included later, called at rule all)
+    # heatmap_targets: rules/heatmaps.smk (included after this file; called only by rule all)
+    targets += heatmap_targets()
     return list(dict.fromkeys(targets))
