@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -441,10 +442,13 @@ def heatmap_plan(config: dict, sheets: dict[str, pd.DataFrame], models: Sequence
     attribution = list((hm.get("attribution") or {}).get("models", []))
     for key, names, archs in (("heatmaps.models", chosen, TILE_ARCHS),
                               ("heatmaps.attribution.models", attribution, PATHWAY_ARCHS)):
+        # A model that is not trained in this config (the defaults name the demo's models) is skipped.
+        skipped = [m for m in names if m not in models]
+        if skipped:
+            warnings.warn(f"config {key}: {skipped} not in run.models, no heatmaps/attribution for them",
+                          stacklevel=2)
+        names[:] = [m for m in names if m in models]
         for m in names:
-            if m not in models:
-                raise InputError(f"config {key}: {m!r} is not among run.models {list(models)}; add it there or "
-                                 "remove it here")
             arch = config["models"][m].get("arch", m)
             if arch not in archs:
                 raise InputError(f"config {key}: model {m!r} (arch {arch}) has no "

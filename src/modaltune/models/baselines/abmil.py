@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from modaltune.models.baselines.common import (
@@ -43,6 +44,7 @@ class ABMIL(BaselineModel):
         feats, mask = patch_inputs(batch)
         return self.pool(self.fc(feats), mask)[1]
 
+    @torch.no_grad()
     def tile_scores(self, batch: dict) -> dict[str, Tensor]:
         """Contract C5: {"attention": (B, N)}, the gated-attention weight of every patch (they sum to 1
         over the patient's real patches, all of its slides together); NaN on padded slots."""

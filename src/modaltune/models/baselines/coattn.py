@@ -67,6 +67,7 @@ class MCAT(BaselineModel):
         h_omic = self.omic_rho(self.omic_pool(self.omic_transformer(omic))[0])
         return self.fusion(torch.cat([h_path, h_omic], dim=1))
 
+    @torch.no_grad()
     def tile_scores(self, batch: dict) -> dict[str, Tensor]:
         """Contract C5: {"coattention": (B, N)}, the genomic-guided co-attention weight of each patch
         (pathway tokens query the patches), mean over the pathway tokens; NaN on padded slots."""
@@ -161,6 +162,7 @@ class SurvPath(BaselineModel):
         h_wsi = self.no_patches(masked_mean(x[:, n_path:], mask), mask.any(dim=1))
         return torch.cat([h_path, h_wsi], dim=1)
 
+    @torch.no_grad()
     def tile_scores(self, batch: dict) -> dict[str, Tensor]:
         """Contract C5: {"attention": (B, N)}, attention of the pathway tokens onto each patch in the
         interaction layer, mean over pathway tokens and heads; NaN on padded slots."""

@@ -44,6 +44,7 @@ class LateFusion(BaselineModel):
     def embed(self, batch: dict) -> Tensor:
         return self.fuse(torch.cat([self.slide_branch.embed(batch), self.gene_branch.embed(batch)], dim=1))
 
+    @torch.no_grad()
     def tile_scores(self, batch: dict) -> dict[str, Tensor]:
         """Contract C5: the slide branch's tile scores (ABMIL / TransMIL attention)."""
         if not hasattr(self.slide_branch, "tile_scores"):

@@ -111,6 +111,7 @@ class TransMIL(BaselineModel):
         w = self.layer2.attn(z, z, z, need_weights=True, average_attn_weights=True)[1]  # (k, L, L)
         return h.new_zeros(h.shape[0], n).index_add_(1, idx, w[:, 0, 1:])
 
+    @torch.no_grad()
     def tile_scores(self, batch: dict) -> dict[str, Tensor]:
         """Contract C5: {"attention": (B, N)}, attention of the CLS token onto each patch in the last
         transformer layer (the CLS output is the embedding), mean over heads; NaN on padded slots.
