@@ -193,7 +193,8 @@ def test_dag_draws_only_the_selected_slides_and_slots(tmp_path):
 
 def test_dag_rejects_unknown_slide_and_model_without_tile_scores(tmp_path):
     res = _dry_run(tmp_path, {"models": ["abmil"], "slides": ["NOPE-1"]})
-    assert res.returncode != 0 and "heatmaps.slides" in res.stderr and "NOPE-1" in res.stderr
+    msg = res.stdout + res.stderr
+    assert res.returncode != 0 and "heatmaps.slides" in msg and "NOPE-1" in msg
     plan = {"models": {"snn": {"arch": "snn"}}}
     with pytest.raises(InputError, match="tile scores"):
         heatmaps.heatmap_plan({**plan, "heatmaps": {"models": ["snn"]}}, {}, ["snn"], [0], 1)
