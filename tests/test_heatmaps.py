@@ -204,7 +204,7 @@ def test_dag_rejects_unknown_slide_and_model_without_tile_scores(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ planted demo
-SLIDE = (2560, 1920)
+SLIDE = (3072, 2304)
 N_PLANTED_COHORT = 24
 
 

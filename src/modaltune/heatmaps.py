@@ -42,6 +42,7 @@ import pandas as pd
 from modaltune import __version__
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path
+from modaltune.workflow import combined_sheet
 
 log = logging.getLogger(__name__)
 
@@ -346,12 +347,11 @@ def make_heatmaps(*, run_dir, slides: Sequence[str | None], outputs: Sequence[di
     A ``None`` slide (an unfilled ranked slot) gets placeholder files that say so. ``labels[i]`` is
     added to the title and the h5 attrs (e.g. "highest risk #1, risk 1.23"). Returns one summary per slide.
     """
-    from modaltune.data import read_sheet
-
     if len(slides) != len(outputs):
         raise InputError(f"make_heatmaps: {len(slides)} slides but {len(outputs)} output sets")
     labels = list(labels) if labels is not None else [""] * len(slides)
-    sh = read_sheet(sheet).drop_duplicates("slide_id").set_index("slide_id")
+    # The workflow's sheet reader: slide paths resolved against each sheet's folder.
+    sh = combined_sheet(sheet).drop_duplicates("slide_id").set_index("slide_id", drop=False)
     wanted = [s for s in slides if s is not None]
     missing = sorted(set(wanted) - set(sh.index))
     if missing:
