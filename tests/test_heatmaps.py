@@ -304,7 +304,8 @@ def planted_run(planted, tmp_path_factory):
     build_pathways(p["rna"], p["genesets"], root / "pathways.parquet", root / "report.json")
     build_clinical_table(p["clinical"], p["biospecimen"], root / "cases.parquet", cohort="BRCA", sheet=p["sheet"],
                          rna_parquet=root / "pathways.parquet")
-    make_splits(root / "cases.parquet", root / "splits.parquet", scheme="kfold", n_folds=2, seed=0)
+    make_splits(root / "cases.parquet", root / "splits.parquet", scheme="fixed", val_fraction=0.25, test_fraction=0.25,
+                seed=0)
     args = dict(cases=root / "cases.parquet", splits=root / "splits.parquet", fold=0,
                 pathways_path=root / "pathways.parquet", feature_files=list(planted["features"].values()),
                 sheet=p["sheet"])
@@ -368,3 +369,23 @@ def test_make_heatmaps_empty_slot_and_bad_score(planted, planted_run, tmp_path):
     slide = planted["regions"].index[0]
     with pytest.raises(InputError, match="heatmaps.score"):
         heatmaps.make_heatmaps(run_dir=root / "run", slides=[slide], outputs=[outs], score="diagnosis", **args)
+
+
+def test_make_ranked_heatmaps_fills_slots_by_risk(planted, planted_run, tmp_path):
+    root, args = planted_run
+    split = pd.read_parquet(args["splits"])
+    split = split[split["fold"] == 0]
+    test_ids = sorted(split.loc[split["partition"] == "test", "patient_id"])[:3]
+    pred = pd.DataFrame({"patient_id": test_ids + ["NOT-TEST"], "partition": ["test"] * 3 + ["train"],
+                         "risk": [0.5, 3.0, 1.0, 99.0]})
+    pred.to_parquet(tmp_path / "predictions.parquet")
+    outs = [{k: tmp_path / f"high_{i}.{e}" for k, e in (("h5", "h5"), ("png", "png"), ("geojson", "geojson"))}
+            | {"tiles": tmp_path / f"high_{i}_tiles.png"} for i in (1, 2)]
+    heatmaps.make_ranked_heatmaps(predictions=tmp_path / "predictions.parquet", k=2, which="high", outputs=outs,
+                                  run_dir=root / "run", **args)
+    sheet = planted["sheet"]
+    first = sheet.drop_duplicates("patient_id").set_index("patient_id")["slide_id"]
+    for out, pid in zip(outs, [test_ids[1], test_ids[2]], strict=True):
+        with h5py.File(out["h5"]) as h5:
+            assert h5.attrs["patient_id"] == pid and h5.attrs["slide_id"] == first[pid]
+            assert h5.attrs["selection"].startswith("highest risk #") and h5.attrs["partition"] == "test"
