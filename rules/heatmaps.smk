@@ -12,7 +12,7 @@ rule heatmap:
     log:
         "logs/heatmap/{cohort}/{model}/{slide}.log",
     conda:
-        "../envs/train.yaml"
+        "../envs/heatmaps.yaml"
     resources:
         gpu=1,
     params:
@@ -59,7 +59,7 @@ for _which in ("high", "low"):
         log:
             f"logs/heatmap_risk_{_which}/{{cohort}}/{{model}}.log",
         conda:
-            "../envs/train.yaml"
+            "../envs/heatmaps.yaml"
         resources:
             gpu=1,
         params:
@@ -87,7 +87,7 @@ rule pathway_attribution:
     log:
         "logs/pathway_attribution/{cohort}/{model}.log",
     conda:
-        "../envs/train.yaml"
+        "../envs/heatmaps.yaml"
     resources:
         gpu=1,
     params:

@@ -215,7 +215,7 @@ def _bar_plot(top: pd.DataFrame, path, *, title: str, task: str, source: str, n:
     ax.barh(y, top["mean_abs_delta"], color=colors)
     ax.set_yticks(y, top["pathway"], fontsize=8)
     what = "risk" if task == "survival" else "subtype log-odds"
-    ax.set_xlabel(f"mean |change of {what} ({source})| when the pathway token is set to average "
+    ax.set_xlabel(f"mean |change of {what} ({source})| when the pathway token is set to average\n"
                   f"(test patients, n = {n})")
     ax.set_title(f"{title}\nred: occlusion raises the output on average, blue: lowers it", fontsize=10)
     with atomic_path(path) as tmp:
