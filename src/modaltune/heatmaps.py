@@ -240,7 +240,9 @@ def draw_heatmap_png(path, slide_path, coords, tile_size, scores, *, title: str,
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    cb = fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02)
+    del im  # the colour bar is drawn opaque (the overlay's alpha would wash it out)
+    bar = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 100), cmap="jet")
+    cb = fig.colorbar(bar, ax=axes[1], fraction=0.046, pad=0.02)
     cb.set_label(f"{score}: percentile within slide (100 = highest)")
     fig.suptitle(title)
     with atomic_path(path) as tmp:
