@@ -22,7 +22,8 @@ common = dict(
 )
 with log_to(snakemake.log[0]):
     if "which" in p.keys():
-        slots = [dict(h5=a, png=b, tiles=c, geojson=d) for a, b, c, d in zip(out.h5, out.png, out.tiles, out.geojson)]
+        parts = zip(out.h5, out.png, out.tiles, out.geojson, strict=True)
+        slots = [dict(h5=a, png=b, tiles=c, geojson=d) for a, b, c, d in parts]
         make_ranked_heatmaps(predictions=snakemake.input.predictions, k=p.k, which=p.which, outputs=slots, **common)
     else:
         outputs = [dict(h5=out.h5, png=out.png, tiles=out.tiles, geojson=out.geojson)]
