@@ -14,7 +14,8 @@ HM_RUN = (
     f"{RESULTS}/{{cohort}}/runs/{{model}}/seed_{HM_PLAN['seed']}/fold_{HM_PLAN['fold']}"
 )
 HM_PARAMS = {
-    "score": HM.get("score") or {},
+    # per model, so that changing one model's score reruns only that model's heatmaps
+    "score": lambda wildcards: (HM.get("score") or {}).get(wildcards.model),
     "top_tiles": int(HM.get("top_tiles", 8)),
     "thumbnail_px": int(HM.get("thumbnail_px", 1600)),
     "fold": HM_PLAN["fold"],

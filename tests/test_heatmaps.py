@@ -389,3 +389,27 @@ def test_make_ranked_heatmaps_fills_slots_by_risk(planted, planted_run, tmp_path
         with h5py.File(out["h5"]) as h5:
             assert h5.attrs["patient_id"] == pid and h5.attrs["slide_id"] == first[pid]
             assert h5.attrs["selection"].startswith("highest risk #") and h5.attrs["partition"] == "test"
+
+
+def test_pathway_attribution_of_a_trained_mcat(planted, planted_run, tmp_path):
+    from modaltune.attribution import pathway_attribution
+    from modaltune.genomics import load_pathways
+    from modaltune.training import train_run
+
+    root, args = planted_run
+    run = tmp_path / "mcat"
+    train_run(model_name="mcat", model_cfg={"arch": "mcat", "objective": "survival", "dim": 16, "num_heads": 2,
+                                            "n_layers": 1},
+              train_cfg={"epochs": 2, "warmup_epochs": 1, "device": "cpu", "precision": "fp32"},
+              cases_path=args["cases"], splits_path=args["splits"], fold=0, seed=0,
+              pathways_path=args["pathways_path"], feature_files=args["feature_files"], sheet=args["sheet"],
+              out_dir=run)
+    table = pathway_attribution(run_dir=run, out_tsv=tmp_path / "p.tsv", out_png=tmp_path / "p.png", top=5, **args)
+    names = list(load_pathways(args["pathways_path"])[1])
+    written = pd.read_csv(tmp_path / "p.tsv", sep="\t")
+    assert sorted(written["pathway"]) == sorted(names) and list(written["rank"]) == list(range(1, len(names) + 1))
+    assert (np.diff(written["mean_abs_delta"]) <= 0).all() and (written["mean_abs_delta"] > 0).any()
+    assert written["share"].sum() == pytest.approx(1.0)
+    assert set(written["output_source"]) == {"head"} and set(written["task"]) == {"survival"}
+    assert table["n_patients"].iloc[0] >= 3
+    assert np.asarray(Image.open(tmp_path / "p.png").convert("L")).std() > 10

@@ -16,7 +16,7 @@ common = dict(
     pathways_path=snakemake.input.pathways,
     feature_files=expand_feature_inputs(snakemake.input.features),
     sheet=list(snakemake.input.sheets),
-    score=p.score.get(snakemake.wildcards.model),
+    score=p.score,
     top_tiles=p.top_tiles,
     thumbnail_px=p.thumbnail_px,
 )
