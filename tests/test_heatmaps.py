@@ -413,3 +413,4 @@ def test_pathway_attribution_of_a_trained_mcat(planted, planted_run, tmp_path):
     assert set(written["output_source"]) == {"head"} and set(written["task"]) == {"survival"}
     assert table["n_patients"].iloc[0] >= 3
     assert np.asarray(Image.open(tmp_path / "p.png").convert("L")).std() > 10
+
