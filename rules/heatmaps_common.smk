@@ -2,11 +2,7 @@
 from modaltune.heatmaps import heatmap_plan
 
 HM_PLAN = heatmap_plan(
-    config,
-    {c: SHEETS[c] for c in target_cohorts(config) if c in SHEETS},
-    MODELS,
-    SEEDS,
-    N_FOLDS,
+    config, SHEETS, MODELS, SEEDS, N_FOLDS, targets=target_cohorts(config)
 )
 HM = config.get("heatmaps") or {}
 HM_DIR = f"{RESULTS}/{{cohort}}/heatmaps/{{model}}"

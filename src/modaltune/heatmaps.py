@@ -432,8 +432,12 @@ PATHWAY_ARCHS = ("modaltune", "mcat", "survpath")
 
 
 def heatmap_plan(config: dict, sheets: dict[str, pd.DataFrame], models: Sequence[str], seeds: Sequence[int],
-                 n_folds: int) -> dict:
+                 n_folds: int, targets: Sequence[str] | None = None) -> dict:
     """What rules/heatmaps.smk draws, decided from config and cohort sheets only (no run results).
+
+    ``sheets``: every site cohort's sheet (slide ids are checked against all of them); ``targets``: the
+    cohorts to draw for (default: all of ``sheets``). Pan-cancer cohorts are not drawn (their runs join
+    several sheets); a config whose targets are all pan-cancer draws nothing.
 
     Returns {"models", "attribution_models", "seed", "fold", "slides": {cohort: [slide ids]},
     "risk": {"high": k, "low": k}}. Raises InputError naming the config key when a selection is invalid.
@@ -461,12 +465,14 @@ def heatmap_plan(config: dict, sheets: dict[str, pd.DataFrame], models: Sequence
     if (chosen or attribution) and not 0 <= fold < int(n_folds):
         raise InputError(f"config heatmaps.fold={fold}: the split scheme has folds 0..{int(n_folds) - 1}")
     wanted = [str(s) for s in hm.get("slides", [])]
-    slides = {c: [s for s in wanted if s in sh.index] for c, sh in sheets.items()}
-    unknown = sorted(set(wanted) - {s for v in slides.values() for s in v})
-    if unknown:
+    known = {s for sh in sheets.values() for s in sh.index}
+    unknown = sorted(set(wanted) - known)
+    targets = [c for c in (sheets if targets is None else targets) if c in sheets]
+    slides = {c: [s for s in wanted if s in sheets[c].index] for c in targets}
+    if unknown and chosen:
         raise InputError(f"config heatmaps.slides: {unknown[:5]} are in no cohort sheet of {sorted(sheets)}; "
                          "use slide_id values of the cohort sheet")
     return {"models": chosen if chosen else [], "attribution_models": attribution, "seed": seed, "fold": fold,
-            "slides": slides if chosen else {c: [] for c in sheets},
+            "slides": slides if chosen else {c: [] for c in targets},
             "risk": {"high": int(hm.get("risk_high", 0)) if chosen else 0,
                      "low": int(hm.get("risk_low", 0)) if chosen else 0}}
