@@ -22,6 +22,8 @@ include: "rules/slides.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/report.smk"
+include: "rules/heatmaps_common.smk"
+include: "rules/heatmaps.smk"
 
 
 rule all:

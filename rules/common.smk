@@ -162,6 +162,8 @@ def all_targets():
     targets += [f"{RESULTS}/tables/subtype.md", f"{RESULTS}/tables/survival.md"]
     for c in target_cohorts(config):
         targets += [f"{RESULTS}/{c}/cost/stages.tsv", f"{RESULTS}/{c}/manifest.json"]
+    # heatmap_targets: rules/heatmaps.smk (included after this file; called only by rule all)
+    targets += heatmap_targets()
     return list(dict.fromkeys(targets))
 
 

@@ -120,7 +120,7 @@ def test_cohort_slides_open_as_generic_tiff(cohort):
 
 def test_full_size_demo_slide_is_a_40x_pyramid(tmp_path):
     path = tmp_path / "full.tiff"
-    demo._write_slide((str(path), [0, 2, 0, 0], [0, 5, 0], 1, (4096, 3072)))
+    demo._write_slide((str(path), [0, 2, 0, 0], [0, 5, 0], 1, (4096, 3072), False))
     with openslide.OpenSlide(path) as s:
         assert s.properties["openslide.vendor"] == "generic-tiff"
         assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.25)
@@ -166,6 +166,35 @@ def test_class_effect_with_patient_draws_held_fixed():
     nuclear = {c: ((img[..., 0] < 170) & (img[..., 2] > img[..., 1])).mean() for c, img in imgs.items()}
     assert nuclear[1] > 1.3 * nuclear[0]
     assert imgs[1].mean() < imgs[0].mean()
+
+
+def test_planted_regions_are_recorded_and_cover_tissue(cohort, truth):
+    regions = pd.read_csv(cohort["truth_regions"], sep="\t")
+    assert list(regions.columns) == ["slide_id", "patient_id", "x0", "y0", "x1", "y1"]
+    expected = demo.planted_slides(demo._layout(N, 0), 0)
+    assert sorted(regions["slide_id"]) == expected and len(expected) == round(demo.PLANT_FRACTION * (truth["class"] == 1).sum())
+    assert (truth.set_index("patient_id").loc[regions["patient_id"], "class"] == 1).all()
+    for r in regions.itertuples():
+        assert r.slide_id.endswith("-DX1") and r.slide_id.startswith(r.patient_id)
+        assert r.x0 % demo.PLANT_GRID == 0 and r.y0 % demo.PLANT_GRID == 0 and r.x1 > r.x0 and r.y1 > r.y0
+        with openslide.OpenSlide(cohort["slides_dir"] / f"{r.slide_id}.tiff") as s:
+            w, h = s.dimensions
+            assert r.x1 <= w and r.y1 <= h
+            box = np.asarray(s.read_region((r.x0, r.y0), 0, (r.x1 - r.x0, r.y1 - r.y0)).convert("RGB"))
+        assert (box.mean(-1) < 215).mean() > 0.5  # the box sits on tissue
+
+
+def test_planted_slide_has_the_class_look_only_inside_its_box():
+    size, seeds = (2048, 1536), ([3, 2, 1, 0], [3, 5, 1])
+    planted = demo._render_slide(*seeds, 1, size, planted=True)
+    look1, look0 = demo._render_slide(*seeds, 1, size), demo._render_slide(*seeds, 0, size)
+    x0, y0, x1, y1 = demo.plant_box(seeds[0], size)
+    inside = np.zeros(planted.shape[:2], bool)
+    inside[y0:y1, x0:x1] = True
+    assert np.array_equal(planted[inside], look1[inside])
+    assert np.array_equal(planted[~inside], look0[~inside])
+    assert 0.1 < inside.mean() < 0.4
+    assert demo.planted_slides(demo._layout(20, 0), 0, fraction=0) == []
 
 
 def test_slides_are_deterministic():

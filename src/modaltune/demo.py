@@ -90,7 +90,15 @@ CENSOR_FRACTION = 0.35
 
 # Each part draws from its own stream, [seed, namespace, ...]. NumPy's SeedSequence ignores trailing zeros
 # ([s, 2, i] == [s, 2, i, 0]), so every stream gets a distinct namespace rather than a longer key.
-_NS_LAYOUT, _NS_SLIDE, _NS_RNA, _NS_CLINICAL, _NS_PATIENT = 1, 2, 3, 4, 5
+_NS_LAYOUT, _NS_SLIDE, _NS_RNA, _NS_CLINICAL, _NS_PATIENT, _NS_PLANT = 1, 2, 3, 4, 5, 6
+
+# Planted regions (heatmap ground truth): on the first slide of this share of the class-1 patients the
+# tissue carries the class-0 look except inside one box, which carries the patient's class-1 look. The box
+# spans about PLANT_BOX of the slide's width and height, aligned to PLANT_GRID level-0 px (one default tile,
+# 256 px at 0.5 mpp), and is placed where it covers the most tissue. Recorded in truth_regions.tsv.
+PLANT_FRACTION = 1 / 3
+PLANT_BOX = (0.40, 0.45)
+PLANT_GRID = 512
 
 
 def _patient_ids(n: int) -> list[str]:
@@ -274,19 +282,55 @@ _Q_OFFSET = 12.0   # a few steps below zero so background noise can be lighter t
 _RENDER_DOWN = 2   # fields are drawn at 0.5 mpp (the pipeline's tiling resolution) and upsampled to level 0
 
 
-def _render_slide(slide_seed: list[int], patient_seed: list[int], cls: int, size: tuple[int, int]) -> np.ndarray:
+def _slide_canvas(rng: np.random.Generator, size: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+    """(w, h) at the render resolution and the tissue mask at a further 1/4: the first draws of a slide's
+    stream, so they do not depend on the class (a planted slide's two renders share them)."""
+    d = _RENDER_DOWN
+    w = int(round(size[0] * rng.uniform(0.9, 1.1) / 32) * 32) // d
+    h = int(round(size[1] * rng.uniform(0.9, 1.1) / 32) * 32) // d
+    f = 4  # tissue mask and stroma fields at a further 1/4: smooth fields need no fine grid
+    return w, h, _tissue_mask(rng, (h // f, w // f), rng.uniform(0.35, 0.50))
+
+
+def plant_box(slide_seed: list[int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Level-0 box (x0, y0, x1, y1), x1/y1 exclusive, of a planted slide: PLANT_BOX of the slide, on the
+    PLANT_GRID, placed where it covers the most tissue (first such place in row-major order)."""
+    w, h, mask = _slide_canvas(np.random.default_rng(slide_seed), size)
+    w0, h0 = w * _RENDER_DOWN, h * _RENDER_DOWN
+    f = _RENDER_DOWN * 4  # level-0 px per mask px
+    g = PLANT_GRID
+    bw = max(g, int(round(PLANT_BOX[0] * w0 / g)) * g)
+    bh = max(g, int(round(PLANT_BOX[1] * h0 / g)) * g)
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    best, box = -1, (0, 0, min(bw, w0), min(bh, h0))
+    for y0 in range(0, max(1, h0 - bh + 1), g):
+        for x0 in range(0, max(1, w0 - bw + 1), g):
+            a, b = y0 // f, x0 // f
+            c, e = min(mask.shape[0], (y0 + bh) // f), min(mask.shape[1], (x0 + bw) // f)
+            cover = integral[c, e] - integral[a, e] - integral[c, b] + integral[a, b]
+            if cover > best:
+                best, box = int(cover), (x0, y0, min(x0 + bw, w0), min(y0 + bh, h0))
+    return box
+
+
+def _render_slide(slide_seed: list[int], patient_seed: list[int], cls: int, size: tuple[int, int],
+                  planted: bool = False) -> np.ndarray:
     """One synthetic H&E slide (H, W, 3) uint8 at 0.25 mpp; deterministic in the two seeds (the patient's
-    phenotype is shared by all of a patient's slides)."""
+    phenotype is shared by all of a patient's slides). ``planted``: the class-0 look of the same patient
+    everywhere except inside :func:`plant_box`, which keeps the class-``cls`` look."""
+    if planted:
+        img = _render_slide(slide_seed, patient_seed, 0, size).copy()
+        x0, y0, x1, y1 = plant_box(slide_seed, size)
+        img[y0:y1, x0:x1] = _render_slide(slide_seed, patient_seed, cls, size)[y0:y1, x0:x1]
+        return img
     from PIL import Image
 
     rng = np.random.default_rng(slide_seed)
     ph = _patient_phenotype(cls, np.random.default_rng(patient_seed))
     d = _RENDER_DOWN
-    w = int(round(size[0] * rng.uniform(0.9, 1.1) / 32) * 32) // d
-    h = int(round(size[1] * rng.uniform(0.9, 1.1) / 32) * 32) // d
-    f = 4  # tissue mask and stroma fields at a further 1/4: smooth fields need no fine grid
+    f = 4
+    w, h, mask = _slide_canvas(rng, size)
     hs, ws = h // f, w // f
-    mask = _tissue_mask(rng, (hs, ws), rng.uniform(0.35, 0.50))
     soft = _upsample(_upsample(mask.astype(np.float32), (ws * 2, hs * 2)), (w, h))  # blurred edge
 
     # Stroma: eosin with fibre-like streaks plus faint haematoxylin.
@@ -325,10 +369,19 @@ def _render_slide(slide_seed: list[int], patient_seed: list[int], cls: int, size
     return np.asarray(Image.fromarray(rgb).resize((w * d, h * d), Image.BILINEAR))
 
 
-def _write_slide(job: tuple[str, list[int], list[int], int, tuple[int, int]]) -> str:
-    path, slide_seed, patient_seed, cls, size = job
-    write_pyramid_tiff(path, _render_slide(slide_seed, patient_seed, cls, size), LEVEL0_MPP)
+def _write_slide(job: tuple[str, list[int], list[int], int, tuple[int, int], bool]) -> str:
+    path, slide_seed, patient_seed, cls, size, planted = job
+    write_pyramid_tiff(path, _render_slide(slide_seed, patient_seed, cls, size, planted), LEVEL0_MPP)
     return path
+
+
+def planted_slides(layout: pd.DataFrame, seed: int, fraction: float = PLANT_FRACTION) -> list[str]:
+    """Slide ids that get a planted region: the first slide of round(fraction x n) class-1 patients."""
+    rng = np.random.default_rng([int(seed), _NS_PLANT])
+    pos = layout.loc[layout["class"] == 1, "patient_id"].tolist()
+    n = int(round(float(fraction) * len(pos)))
+    chosen = sorted(rng.permutation(pos)[:n].tolist()) if n else []
+    return [f"{p}-01Z-00-DX1" for p in chosen]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -550,12 +603,15 @@ def _write_tsv(path: Path, df: pd.DataFrame, na_rep: str = "") -> None:
 
 
 def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size: tuple[int, int] = (4096, 3072),
-                     workers: int | None = None) -> dict[str, Path]:
+                     workers: int | None = None, planted_fraction: float = PLANT_FRACTION) -> dict[str, Path]:
     """Write the demo cohort under ``out_dir``; return the paths (keys sheet, slides_dir, rna, genesets,
-    clinical, biospecimen, truth).
+    clinical, biospecimen, truth, truth_regions).
 
     Deterministic in ``seed``. ``slide_size`` (level-0 width, height; each slide varies by +-10 %) and
     ``workers`` (slide-writing processes, default min(2, CPUs)) exist for tests and small machines.
+    ``planted_fraction``: share of class-1 patients whose first slide carries the class look only in a
+    planted box (``truth_regions.tsv``: slide_id, patient_id, x0, y0, x1, y1 in level-0 px, x1/y1
+    exclusive); 0 plants nothing.
     """
     out = Path(out_dir)
     layout = _layout(n_patients, seed)
@@ -564,6 +620,7 @@ def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size
         "sheet": out / "cohort_sheet.tsv", "slides_dir": out / "slides", "rna": out / "rna" / "HiSeqV2_PANCAN.gz",
         "genesets": out / "genesets" / "demo.gmt", "clinical": out / "clinical" / "clinical.tsv",
         "biospecimen": out / "biospecimen" / "slide.tsv", "truth": out / "truth.tsv",
+        "truth_regions": out / "truth_regions.tsv",
     }
     paths["slides_dir"].mkdir(parents=True, exist_ok=True)
 
@@ -578,12 +635,18 @@ def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size
 
     pidx = {p: i for i, p in enumerate(layout["patient_id"])}
     cls = dict(zip(layout["patient_id"], layout["class"], strict=True))
-    jobs = []
+    planted = set(planted_slides(layout, seed, planted_fraction))
+    jobs, regions = [], []
     for row in sheet.itertuples():
         i = pidx[row.patient_id]
         j = int(row.slide_id[-1]) - 1
-        jobs.append((str(out / row.path), [int(seed), _NS_SLIDE, i, j], [int(seed), _NS_PATIENT, i],
-                     int(cls[row.patient_id]), tuple(slide_size)))
+        slide_seed = [int(seed), _NS_SLIDE, i, j]
+        jobs.append((str(out / row.path), slide_seed, [int(seed), _NS_PATIENT, i],
+                     int(cls[row.patient_id]), tuple(slide_size), row.slide_id in planted))
+        if row.slide_id in planted:
+            regions.append((row.slide_id, row.patient_id, *plant_box(slide_seed, tuple(slide_size))))
+    _write_tsv(paths["truth_regions"], pd.DataFrame(regions, columns=["slide_id", "patient_id", "x0", "y0", "x1",
+                                                                      "y1"]))
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     if n_workers > 1:
         with ProcessPoolExecutor(max_workers=n_workers) as pool:

@@ -31,7 +31,14 @@ import pandas as pd
 from modaltune.errors import InputError, SlideError
 from modaltune.io_utils import write_json
 from modaltune.models.configs import model_config
-from modaltune.workflow import cohort_inputs, demo_dir, load_sheet, site_cohorts, target_cohorts, target_models
+from modaltune.workflow import (
+    cohort_inputs,
+    demo_dir,
+    load_sheet,
+    site_cohorts,
+    target_cohorts,
+    target_models,
+)
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,23 @@ class CrossAttn(nn.Module):
         out = self.out_proj(a)
         return tgt + out if self.double_residual else out
 
+    def attention_weights(
+        self,
+        tgt: Tensor,
+        mem: Tensor,
+        query_pos: Tensor | None = None,
+        key_pos: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """(B, L_tgt, L_mem) softmax weights of this cross-attention (mean over heads), same inputs as
+        ``forward``; used for tile heatmaps (each modal token's attention onto the image tokens)."""
+        t = self.norm_q(tgt)
+        m = self.norm_kv(mem)
+        q = self.q_proj(t if query_pos is None else t + query_pos)
+        k = m if key_pos is None else m + key_pos
+        return self.attn(q, k, m if key_pos is None else k, key_padding_mask=key_padding_mask, need_weights=True,
+                         average_attn_weights=True)[1]
+
 
 class PromptSelfAttention(nn.Module):
     """Pre-norm self-attention over the modal tokens (q = k = LN(c) + pos, v = LN(c)); single residual."""

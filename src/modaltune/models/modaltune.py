@@ -231,6 +231,55 @@ class ModalTune(nn.Module):
         out = [self.forward_task(batch, t, features, coords, mask) for t in range(self.num_tasks)]
         return {"embedding": torch.stack(out, dim=1)}
 
+    @torch.no_grad()
+    def tile_scores(self, batch: dict) -> dict[str, Tensor]:
+        """Contract C5: per-patch scores (B, N) from the Extractors' cross-attention (image -> modal).
+
+        In every Extractor the modal tokens are the queries and the image tokens the keys, so its
+        softmax weights say which tiles each modal token reads. Per task pass t the score of a tile is
+        the weight of that pass's task token onto it, averaged over heads and over all Extractors of
+        the adapter (keys "general", "diagnosis", "survival"); "modal_tokens" averages every modal token
+        (task, genes[, clinical]) over all passes. Scores come back in the batch's patch order with NaN
+        on padded slots. Needs one image token per patch (LongNet; TITAN's grid tokens are refused).
+        """
+        feats_in = batch["features"]
+        orig_mask = batch.get("patch_mask")
+        orig_mask = (torch.ones(feats_in.shape[:2], dtype=torch.bool, device=feats_in.device) if orig_mask is None
+                     else orig_mask.bool())
+        features, coords, mask = self.inputs(batch)
+        order = torch.argsort((~orig_mask).to(torch.int8), dim=1, stable=True)  # what inputs() applied
+        captured: list[Tensor] = []
+
+        def hook(module, args, kwargs, _output):
+            captured.append(module.attention_weights(args[0], args[1], query_pos=kwargs.get("query_pos"),
+                                                     key_padding_mask=kwargs.get("key_padding_mask")))
+
+        crosses = [ex.cross for blk in self.adapter.blocks for ex in (blk.extractor, *blk.extra_extractors)]
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in crosses]
+        out: dict[str, Tensor] = {}
+        modal = []
+        try:
+            for t in range(self.num_tasks):
+                captured.clear()
+                self.forward_tokens(batch, t, features, coords, mask)
+                w = torch.stack(captured).mean(0).float()  # (B, n_modal, N_tokens)
+                if w.shape[-1] != features.shape[1]:
+                    raise InputError(f"ModalTune tile scores: the backbone has {w.shape[-1]} image tokens for "
+                                     f"{features.shape[1]} patches; heatmaps need one token per patch (LongNet)")
+                name = TASK_NAMES[t].lower() if t < len(TASK_NAMES) else f"task_{t}"
+                out[name] = w[:, self.task_slot]
+                modal.append(w.mean(1))
+        finally:
+            for h in handles:
+                h.remove()
+        out["modal_tokens"] = torch.stack(modal).mean(0)
+        # Back to the batch's patch order (inputs() moved real patches first), NaN on padding.
+        res = {}
+        for k, v in out.items():
+            back = torch.empty_like(v).scatter_(1, order, v)
+            res[k] = back.masked_fill(~orig_mask, float("nan"))
+        return res
+
 
 @register_model("modaltune")
 def build_modaltune(cfg: dict, dims: ModelDims) -> ModalTune:

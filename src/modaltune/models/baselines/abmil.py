@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from modaltune.models.baselines.common import (
@@ -9,6 +10,7 @@ from modaltune.models.baselines.common import (
     GatedAttentionPool,
     MissingSlot,
     check_keys,
+    no_score_on_padding,
     objective_of,
     patch_inputs,
 )
@@ -42,6 +44,13 @@ class ABMIL(BaselineModel):
         """Attention weights (B, N) over patches (zeros on padding), e.g. for heatmaps."""
         feats, mask = patch_inputs(batch)
         return self.pool(self.fc(feats), mask)[1]
+
+    @torch.no_grad()
+    def tile_scores(self, batch: dict) -> dict[str, Tensor]:
+        """Contract C5: {"attention": (B, N)}, the gated-attention weight of every patch (they sum to 1
+        over the patient's real patches, all of its slides together); NaN on padded slots."""
+        _, mask = patch_inputs(batch)
+        return {"attention": no_score_on_padding(self.attention(batch), mask)}
 
 
 def abmil_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> ABMIL:

@@ -19,6 +19,7 @@ from modaltune.models.baselines.common import (
     check_keys,
     gene_inputs,
     masked_mean,
+    no_score_on_padding,
     objective_of,
     patch_inputs,
     safe_key_padding,
@@ -70,6 +71,18 @@ class MCAT(BaselineModel):
         h_omic = self.omic_rho(self.omic_pool(self.omic_transformer(omic))[0])
         return self.fusion(torch.cat([h_path, h_omic], dim=1))
 
+    @torch.no_grad()
+    def tile_scores(self, batch: dict) -> dict[str, Tensor]:
+        """Contract C5: {"coattention": (B, N)}, the genomic-guided co-attention weight of each patch
+        (pathway tokens query the patches), mean over the pathway tokens; NaN on padded slots."""
+        feats, mask = patch_inputs(batch)
+        genes, has_genes = gene_inputs(batch)
+        patches = self.wsi_net(feats)
+        omic = self.no_genes(self.towers(genes), has_genes)
+        w = self.coattn(omic, patches, patches, key_padding_mask=safe_key_padding(mask), need_weights=True,
+                        average_attn_weights=True)[1]  # (B, P, N)
+        return {"coattention": no_score_on_padding(w.mean(dim=1), mask)}
+
 
 def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).flatten(2)  # (B, heads, n, dh) -> (B, n, heads * dh)
@@ -112,6 +125,16 @@ class InteractionAttention(nn.Module):
         )
         patch_out = F.scaled_dot_product_attention(qx, kp, vp, dropout_p=p)
         return self.out(_merge_heads(path_out)), self.out(_merge_heads(patch_out))
+
+    def pathway_to_patch_weights(self, path: Tensor, patches: Tensor, mask: Tensor) -> Tensor:
+        """(B, P, N): softmax weights of the pathway queries on the patch keys (the share of the
+        masked attention over [pathways; patches] that lands on each patch), mean over heads."""
+        qp, kp, _ = self._split(path)
+        _, kx, _ = self._split(patches)
+        logits = torch.einsum("bhpd,bhkd->bhpk", qp, torch.cat([kp, kx], dim=2)) / self.dim_head**0.5
+        allowed = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, path.shape[1]), mask], dim=1)
+        logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        return torch.softmax(logits, dim=-1)[..., path.shape[1]:].mean(dim=1)
 
 
 class SurvPath(BaselineModel):
@@ -173,6 +196,18 @@ class SurvPath(BaselineModel):
         h_path = x[:, :n_path].mean(dim=1)
         h_wsi = self.no_patches(masked_mean(x[:, n_path:], mask), mask.any(dim=1))
         return torch.cat([h_path, h_wsi], dim=1)
+
+    @torch.no_grad()
+    def tile_scores(self, batch: dict) -> dict[str, Tensor]:
+        """Contract C5: {"attention": (B, N)}, attention of the pathway tokens onto each patch in the
+        interaction layer, mean over pathway tokens and heads; NaN on padded slots."""
+        feats, mask = patch_inputs(batch)
+        genes, has_genes = gene_inputs(batch)
+        path = self.no_genes(self.towers(genes), has_genes)
+        n_path = path.shape[1]
+        h = self.norm_attn(torch.cat([path, self.wsi_projection(feats)], dim=1))
+        w = self.attn.pathway_to_patch_weights(h[:, :n_path], h[:, n_path:], mask)
+        return {"attention": no_score_on_padding(w.mean(dim=1), mask)}
 
 
 def mcat_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> MCAT:

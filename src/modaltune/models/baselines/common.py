@@ -174,3 +174,8 @@ class BaselineModel(nn.Module):
         if self.head is not None:
             out.update(self.head(emb))
         return out
+
+
+def no_score_on_padding(scores: Tensor, mask: Tensor) -> Tensor:
+    """Tile scores (B, N) with NaN on padded slots: a padded tile gets no score (contract C5)."""
+    return scores.float().masked_fill(~mask.to(torch.bool), float("nan"))

@@ -45,6 +45,14 @@ class LateFusion(BaselineModel):
     def embed(self, batch: dict) -> Tensor:
         return self.fuse(torch.cat([self.slide_branch.embed(batch), self.gene_branch.embed(batch)], dim=1))
 
+    @torch.no_grad()
+    def tile_scores(self, batch: dict) -> dict[str, Tensor]:
+        """Contract C5: the slide branch's tile scores (ABMIL / TransMIL attention)."""
+        if not hasattr(self.slide_branch, "tile_scores"):
+            raise InputError(f"late_fusion with slide side {type(self.slide_branch).__name__} has no tile "
+                             "scores; draw heatmaps for models with an attention slide side (abmil, transmil)")
+        return self.slide_branch.tile_scores(batch)
+
 
 @register_model("late_fusion")
 def build_late_fusion(cfg: dict, dims: ModelDims) -> LateFusion:

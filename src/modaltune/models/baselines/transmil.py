@@ -17,6 +17,7 @@ from modaltune.models.baselines.common import (
     BaselineModel,
     MissingSlot,
     check_keys,
+    no_score_on_padding,
     objective_of,
     patch_inputs,
 )
@@ -98,6 +99,33 @@ class TransMIL(BaselineModel):
             bags = torch.stack([h[b][mask[b]] for b in rows.tolist()])
             out = out.index_put((rows,), self._encode_bags(bags))
         return self.no_patches(out, counts > 0)
+
+    def _bag_cls_attention(self, h: Tensor) -> Tensor:
+        """h (k, n, hidden) -> (k, n): the last layer's CLS-to-token attention (mean over heads), the
+        weights of the square-grid copies of a patch summed back onto that patch."""
+        n = h.shape[1]
+        side = math.ceil(math.sqrt(n))
+        idx = torch.arange(side * side, device=h.device) % n
+        x = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h[:, idx]], dim=1)
+        x = self.ppeg(self.layer1(x), side)
+        z = self.layer2.norm(x)
+        w = self.layer2.attn(z, z, z, need_weights=True, average_attn_weights=True)[1]  # (k, L, L)
+        return h.new_zeros(h.shape[0], n).index_add_(1, idx, w[:, 0, 1:])
+
+    @torch.no_grad()
+    def tile_scores(self, batch: dict) -> dict[str, Tensor]:
+        """Contract C5: {"attention": (B, N)}, attention of the CLS token onto each patch in the last
+        transformer layer (the CLS output is the embedding), mean over heads; NaN on padded slots.
+
+        The CLS token also attends to itself, so a patient's scores sum to 1 minus that share.
+        """
+        feats, mask = patch_inputs(batch)
+        h = self.fc(feats)
+        out = h.new_zeros(h.shape[:2])
+        for b in range(h.shape[0]):  # bags differ in size (their square grids too): one at a time
+            if mask[b].any():
+                out[b, mask[b]] = self._bag_cls_attention(h[b][mask[b]].unsqueeze(0))[0]
+        return {"attention": no_score_on_padding(out, mask)}
 
 
 def transmil_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> TransMIL:
