@@ -113,7 +113,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def fit_fold_preprocessing(cases: pd.DataFrame, split: pd.DataFrame, gene_table, use_clinical: bool = True):
     """GeneScaler and clinical covariates fitted on the fold's TRAIN patients only (method bugs 7, 8)."""
-    from modaltune.genomics import GeneScaler
+    from modaltune.gene_scaler import GeneScaler
 
     genes_df, gene_names, _ = gene_table
     train_ids = split.loc[split["partition"] == "train", "patient_id"].astype(str).tolist()
@@ -130,7 +130,7 @@ def fit_fold_preprocessing(cases: pd.DataFrame, split: pd.DataFrame, gene_table,
 
 
 def restore_preprocessing(state: dict):
-    from modaltune.genomics import GeneScaler
+    from modaltune.gene_scaler import GeneScaler
 
     return GeneScaler.from_state_dict(state["gene_scaler"]), state["covariates"]
 
@@ -180,7 +180,8 @@ class _LossFn:
         self.objective, self.projector, self.edges, self.cfg = objective, projector, edges, cfg
 
     def __call__(self, out: dict, batch: dict) -> torch.Tensor | None:
-        from modaltune.losses import classification_loss, discrete_survival_nll, text_kl_loss, time_to_bin
+        from modaltune.losses import classification_loss, discrete_survival_nll, text_kl_loss
+        from modaltune.survival_bins import hazard_bin_index
 
         if self.objective == "text_kl":
             emb = out["embedding"]
@@ -195,7 +196,7 @@ class _LossFn:
                 return None
             return classification_loss(out["logits"], batch["label"])
         if self.objective == "survival":
-            bins = torch.from_numpy(time_to_bin(batch["time"].cpu().numpy(), self.edges)).to(batch["time"].device)
+            bins = torch.from_numpy(hazard_bin_index(batch["time"].cpu().numpy(), self.edges)).to(batch["time"].device)
             if not bool(((bins >= 0) & torch.isfinite(batch["event"])).any()):
                 return None
             return discrete_survival_nll(out["hazards"], bins, batch["event"], alpha=self.cfg["surv_alpha"])
@@ -313,8 +314,8 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
 
     from modaltune.data import PatientDataset, load_gene_table, read_cases, read_splits
     from modaltune.evaluation import cohort_name, to_device
-    from modaltune.losses import survival_bins
     from modaltune.models import ModelDims
+    from modaltune.survival_bins import hazard_bin_edges
 
     cfg = {**TRAIN_DEFAULTS, **(train_cfg or {}), **(model_cfg.get("training") or {})}
     out_dir = Path(out_dir)
@@ -329,7 +330,7 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
     gene_scaler, cov_state = fit_fold_preprocessing(cases, split, gene_table)
     train_ids = split.loc[split["partition"] == "train", "patient_id"].tolist()
     tr_cases = cases.loc[train_ids]
-    edges = survival_bins(tr_cases["survival_months"], tr_cases["event"], int(cfg["n_bins"]))
+    edges = hazard_bin_edges(tr_cases["survival_months"], tr_cases["event"], int(cfg["n_bins"]))
     ngrids, tile = grid_of(model_cfg)
     common = dict(feature_files=feature_files, sheet=sheet, pathways_path=pathways_path, text_h5=text_h5,
                   gene_scaler=gene_scaler, covariate_state=cov_state, coords_space=cfg["coords_space"],
