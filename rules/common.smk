@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from modaltune.settings import result_settings
 from modaltune.workflow import (
     cohort_inputs,
     demo_cohorts,

@@ -54,10 +54,12 @@ rule splits:
         "logs/splits/{cohort}_{scheme}.log",
     wildcard_constraints:
         cohort=_alt(SITE_COHORTS),
+        scheme="kfold|fixed|import",
     conda:
         "../envs/genomics.yaml"
     params:
-        splits=config["splits"],
+        # the file name's scheme, not config's: splits/fixed.parquet always holds the fixed split
+        splits=lambda wc: {**config["splits"], "scheme": wc.scheme},
     script:
         "../workflow/scripts/splits.py"
 
@@ -102,6 +104,6 @@ rule text_targets:
     resources:
         gpu=1,
     params:
-        text=config["text"],
+        text=result_settings(config, "text"),
     script:
         "../workflow/scripts/text_targets.py"

@@ -14,7 +14,7 @@ rule tile:
     conda:
         "../envs/tiling.yaml"
     params:
-        tiling=config["tiling"],
+        tiling=result_settings(config, "tiling"),
         mpp=slide_mpp,
     script:
         "../workflow/scripts/tile.py"
@@ -38,7 +38,7 @@ rule embed_patches:
     resources:
         gpu=1,
     params:
-        embedding=config["embedding"],
+        embedding=result_settings(config, "embedding"),
     script:
         "../workflow/scripts/embed_patches.py"
 
@@ -50,6 +50,7 @@ rule slide_shard:
         .tolist(),
     output:
         manifest=f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}.tsv",
+        slides=directory(f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}"),
     log:
         "logs/slide_shard/{cohort}/{encoder}/{shard}.log",
     benchmark:
@@ -63,9 +64,7 @@ rule slide_shard:
         slides=lambda wc: SHEETS[wc.cohort]
         .loc[shard_slides(wc.cohort, wc.shard), ["slide_id", "path", "mpp"]]
         .to_dict("records"),
-        tiles_dir=lambda wc: f"{RESULTS}/{wc.cohort}/tiles",
-        features_dir=lambda wc: f"{RESULTS}/{wc.cohort}/features/{wc.encoder}",
-        tiling=config["tiling"],
-        embedding=config["embedding"],
+        tiling=result_settings(config, "tiling"),
+        embedding=result_settings(config, "embedding"),
     script:
         "../workflow/scripts/slide_shard.py"

@@ -18,7 +18,7 @@ rule train:
         gpu=1,
     params:
         model_cfg=lambda wc: config["models"][wc.model],
-        train_cfg=config["training"],
+        train_cfg=result_settings(config, "training"),
     script:
         "../workflow/scripts/train.py"
 
