@@ -50,7 +50,10 @@ rule slide_shard:
         .tolist(),
     output:
         manifest=f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}.tsv",
-        slides=directory(f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}"),
+        # the shard's tiles + features; update(): kept when the job reruns, so it resumes per slide
+        slides=update(
+            directory(f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}")
+        ),
     log:
         "logs/slide_shard/{cohort}/{encoder}/{shard}.log",
     benchmark:

@@ -63,17 +63,18 @@ def test_deleting_one_output_reruns_only_that_job(demo_copy, planned_jobs, snake
 
 @pytest.mark.slow
 def test_rerun_one_slide_and_one_run_alone(demo_copy, planned_jobs, snakemake):
-    sheet = pd.read_csv(next((demo_copy / "resources/demo").rglob("cohort_sheet.tsv")), sep="\t")
-    slide = demo_copy / f"results/demo/features/tiny/{sheet['slide_id'].iloc[0]}.h5"
-    target = str(slide.relative_to(demo_copy))
-    # The per-slide target exists beside the shard jobs: tile + embed of this one slide only.
-    assert planned_jobs(demo_copy, target, *TRIGGERS) == {"tile": 1, "embed_patches": 1}
-    before = {p: p.stat().st_mtime_ns for p in (demo_copy / "results").rglob("*.h5")}
-    res = snakemake(demo_copy, "-c1", target, *TRIGGERS)
+    # The demo runs sharded (slides_per_job 16): a shard reruns only its missing slide.
+    manifest = demo_copy / "results/demo/features/tiny/shards/0.tsv"
+    slide = sorted((demo_copy / "results/demo/features/tiny/shards/0").glob("*.h5"))[0]
+    before = {p: p.stat().st_mtime_ns for p in (demo_copy / "results").rglob("*.h5") if p != slide}
+    slide.unlink()
+    target = str(manifest.relative_to(demo_copy))
+    assert planned_jobs(demo_copy, target, "--forcerun", "slide_shard", *TRIGGERS) == {"slide_shard": 1}
+    res = snakemake(demo_copy, "-c1", target, "--forcerun", "slide_shard", *TRIGGERS)
     assert res.returncode == 0, res.stderr[-3000:]
     assert slide.exists()
     changed = [p for p in before if p.stat().st_mtime_ns != before[p]]
-    assert changed == []  # no other slide's (or shard's) files were rewritten
+    assert changed == []  # every other slide's tiles and features were kept, not recomputed
 
     run = "results/demo/runs/snn/seed_0/fold_1/state.pt"
     assert planned_jobs(demo_copy, run, "--force", *TRIGGERS) == {"train": 1}
