@@ -15,7 +15,7 @@ rule rna_pathways:
     conda:
         "../envs/genomics.yaml"
     params:
-        genomics=config["genomics"],
+        genomics=result_settings(config, "genomics"),
         patients=lambda wc: sorted(set(SHEETS[wc.cohort]["patient_id"])),
     script:
         "../workflow/scripts/rna_pathways.py"

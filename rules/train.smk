@@ -37,7 +37,7 @@ rule evaluate:
     resources:
         gpu=1,
     params:
-        probes=config["probes"],
+        probes=result_settings(config, "probes"),
         eval_cohort=lambda wc: wc.cohort,
     script:
         "../workflow/scripts/evaluate.py"
@@ -57,7 +57,7 @@ rule evaluate_ood:
     resources:
         gpu=1,
     params:
-        probes=config["probes"],
+        probes=result_settings(config, "probes"),
         eval_cohort=lambda wc: wc.eval_cohort,
     script:
         "../workflow/scripts/evaluate.py"

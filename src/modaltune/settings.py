@@ -31,9 +31,10 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
 
 
 def result_settings(config: Mapping, block: str) -> dict:
-    """The settings of ``config[block]`` that change results (what a rule passes as params)."""
+    """The settings of ``config[block]`` that change results (what a rule passes as params), keys
+    sorted: Snakemake compares params by their text, so key order must not depend on the config file."""
     speed = SPEED_ONLY.get(block, ())
-    return {k: v for k, v in dict(config.get(block) or {}).items() if k not in speed}
+    return {k: v for k, v in sorted(dict(config.get(block) or {}).items()) if k not in speed}
 
 
 def speed_settings(config: Mapping, block: str) -> dict:
