@@ -73,3 +73,18 @@ def test_the_walk_catches_a_difference():
     assert not _same(props["min_tissue"], 0.5, code["min_tissue"])
     assert not _same({"type": "string"}, "lab", "otsu")
     assert set(code) == set(props)
+
+
+def test_speed_only_settings_are_schema_keys_and_stay_out_of_params():
+    from modaltune.settings import SPEED_ONLY, job_settings, result_settings
+
+    for block, keys in SPEED_ONLY.items():
+        assert set(keys) <= set(SCHEMA["properties"][block]["properties"]), block
+    config = {"embedding": {"precision": "bf16", "device": "cuda", "encoder": "tiny", "batch_size": 512}}
+    params = result_settings(config, "embedding")
+    assert params == {"encoder": "tiny", "precision": "bf16"} and list(params) == ["encoder", "precision"]
+    reordered = {"embedding": dict(reversed(list(config["embedding"].items())))}
+    assert repr(result_settings(reordered, "embedding")) == repr(params)  # Snakemake compares the text
+    full = job_settings(params, config, "embedding")
+    assert full == config["embedding"]
+    assert job_settings({"device": "cpu"}, config, "embedding")["device"] == "cpu"  # params win
