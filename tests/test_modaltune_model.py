@@ -3,7 +3,6 @@ batched == per-patient."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
