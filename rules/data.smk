@@ -18,7 +18,7 @@ rule rna_pathways:
     conda:
         "../envs/genomics.yaml"
     params:
-        genomics=config["genomics"],
+        genomics=result_settings(config, "genomics"),
         patients=lambda wc: sorted(set(SHEETS[wc.cohort]["patient_id"])),
     script:
         "../workflow/scripts/rna_pathways.py"
@@ -63,10 +63,12 @@ rule splits:
         "benchmarks/out/splits/{cohort}_{scheme}.tsv"
     wildcard_constraints:
         cohort=_alt(SITE_COHORTS),
+        scheme="kfold|fixed|import",
     conda:
         "../envs/genomics.yaml"
     params:
-        splits=config["splits"],
+        # the file name's scheme, not config's: splits/fixed.parquet always holds the fixed split
+        splits=lambda wc: {**config["splits"], "scheme": wc.scheme},
     script:
         "../workflow/scripts/splits.py"
 
@@ -115,6 +117,6 @@ rule text_targets:
     resources:
         gpu=1,
     params:
-        text=config["text"],
+        text=result_settings(config, "text"),
     script:
         "../workflow/scripts/text_targets.py"

@@ -19,7 +19,7 @@ rule tile:
     conda:
         "../envs/tiling.yaml"
     params:
-        tiling=config["tiling"],
+        tiling=result_settings(config, "tiling"),
         mpp=slide_mpp,
     script:
         "../workflow/scripts/tile.py"
@@ -43,7 +43,7 @@ rule embed_patches:
     resources:
         gpu=1,
     params:
-        embedding=config["embedding"],
+        embedding=result_settings(config, "embedding"),
     script:
         "../workflow/scripts/embed_patches.py"
 
@@ -56,6 +56,10 @@ rule slide_shard:
         preflight=PREFLIGHT,
     output:
         manifest=f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}.tsv",
+        # the shard's tiles + features; update(): kept when the job reruns, so it resumes per slide
+        slides=update(
+            directory(f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}")
+        ),
     log:
         "logs/slide_shard/{cohort}/{encoder}/{shard}.log",
     benchmark:
@@ -69,9 +73,7 @@ rule slide_shard:
         slides=lambda wc: SHEETS[wc.cohort]
         .loc[shard_slides(wc.cohort, wc.shard), ["slide_id", "path", "mpp"]]
         .to_dict("records"),
-        tiles_dir=lambda wc: f"{RESULTS}/{wc.cohort}/tiles",
-        features_dir=lambda wc: f"{RESULTS}/{wc.cohort}/features/{wc.encoder}",
-        tiling=config["tiling"],
-        embedding=config["embedding"],
+        tiling=result_settings(config, "tiling"),
+        embedding=result_settings(config, "embedding"),
     script:
         "../workflow/scripts/slide_shard.py"

@@ -30,7 +30,7 @@ rule train:
         gpu=1,
     params:
         model_cfg=lambda wc: model_config(config, wc.model, wc.cohort),
-        train_cfg=config["training"],
+        train_cfg=result_settings(config, "training"),
         probe_lr=config["probes"].get("lr", "standard"),
     script:
         "../workflow/scripts/train.py"
@@ -53,7 +53,7 @@ rule evaluate:
     resources:
         gpu=1,
     params:
-        probes=config["probes"],
+        probes=result_settings(config, "probes"),
         eval_cohort=lambda wc: wc.cohort,
     script:
         "../workflow/scripts/evaluate.py"
@@ -76,7 +76,7 @@ rule evaluate_ood:
     resources:
         gpu=1,
     params:
-        probes=config["probes"],
+        probes=result_settings(config, "probes"),
         eval_cohort=lambda wc: wc.eval_cohort,
     script:
         "../workflow/scripts/evaluate.py"

@@ -24,7 +24,7 @@ def cohort(tmp_path_factory):
 def _fitted(c):
     from modaltune.clinical import encode_covariates
     from modaltune.data import load_gene_table, read_cases
-    from modaltune.genomics import GeneScaler
+    from modaltune.gene_scaler import GeneScaler
 
     split = pd.read_parquet(c["splits_path"])
     train = split.loc[split.partition == "train", "patient_id"].tolist()

@@ -212,7 +212,7 @@ def test_tables_are_deterministic_and_seed_dependent(cohort, tmp_path):
     # Tables do not depend on the slide size, so a run with tiny slides must give identical bytes.
     again = demo.make_demo_cohort(tmp_path / "a", n_patients=N, seed=0, slide_size=(256, 256), workers=1)
     other = demo.make_demo_cohort(tmp_path / "b", n_patients=N, seed=1, slide_size=(256, 256), workers=1)
-    for key in ("rna", "genesets", "clinical", "biospecimen", "truth", "sheet"):
+    for key in ("rna", "gene_sets", "clinical", "biospecimen", "truth", "sheet"):
         assert cohort[key].read_bytes() == again[key].read_bytes(), key
     for key in ("rna", "clinical", "truth"):
         assert cohort[key].read_bytes() != other[key].read_bytes(), key
@@ -266,7 +266,7 @@ def test_rna_planted_class_and_risk_signal(xena, truth):
 
 
 def test_gmt_format(cohort, xena):
-    lines = cohort["genesets"].read_text().splitlines()
+    lines = cohort["gene_sets"].read_text().splitlines()
     sets = {f[0]: f[2:] for f in (line.split("\t") for line in lines)}
     assert 20 <= len(sets) <= 30
     assert all(n.startswith(("HALLMARK_DEMO_", "REACTOME_DEMO_")) for n in sets)

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from modaltune.embedding import embed_slide, pick_device, throughput_table  # noqa: E402
+from modaltune.embedding import embed_slide, pick_device  # noqa: E402
 from modaltune.errors import InputError  # noqa: E402
 
 P = 64  # small tiles keep the tests fast; the tiny encoder resizes them to its input size
@@ -220,18 +220,6 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             pick_device("cuda")
-
-
-def test_throughput_table(tmp_path):
-    ok = write_tiles_h5(tmp_path / "A.h5", 10, slide="A")
-    bad = write_tiles_h5(tmp_path / "B.h5", 0, status="failed", error="unreadable slide", slide="B")
-    run(ok, tmp_path / "fa.h5", 10)
-    embed_slide(bad, tmp_path / "fb.h5", progress=False)
-    df = throughput_table([tmp_path / "fa.h5", tmp_path / "fb.h5", tmp_path / "none.h5"])
-    assert list(df["slide"]) == ["A", "B", "none"]
-    assert list(df["status"]) == ["ok", "failed", "missing"]
-    assert df.loc[0, "n_tiles"] == 10 and df.loc[0, "tiles_per_s"] > 0 and df.loc[1, "error"] == "unreadable slide"
-    assert {"slide", "encoder", "n_tiles", "tiles_per_s", "wall_s", "status", "error"} <= set(df.columns)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -121,18 +121,18 @@ def test_cox_probe_fits_and_ranks():
 
 
 def test_ood_refits_on_target_train_partition(trained, tmp_path, monkeypatch):
-    from modaltune import genomics
+    from modaltune import gene_scaler
 
     c, run = trained
     tgt = make_cohort(tmp_path, n_patients=20, seed=5, cohort="OTHER", prefix="Q")
     fitted = []
-    real_fit = genomics.GeneScaler.fit
+    real_fit = gene_scaler.GeneScaler.fit
 
     def spy(self, df):
         fitted.append(sorted(df.index))
         return real_fit(self, df)
 
-    monkeypatch.setattr(genomics.GeneScaler, "fit", spy)
+    monkeypatch.setattr(gene_scaler.GeneScaler, "fit", spy)
     m = _eval(tgt, run, tmp_path / "ood")
     split = pd.read_parquet(tgt["splits_path"])
     genes = pd.read_parquet(tgt["pathways_path"])

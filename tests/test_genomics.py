@@ -1,4 +1,5 @@
-"""Tests for modaltune.genomics: Xena reading, sample choice, gene sets, pathways parquet, GeneScaler."""
+"""Tests for the RNA side: Xena reading and sample choice (xena), gene sets (genesets), the pathways
+stage (genomics) and the fold-wise GeneScaler (gene_scaler)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,10 @@ import pandas as pd
 import pytest
 
 from modaltune.errors import InputError, LeakageError
-from modaltune.genomics import (
-    GeneScaler,
-    build_pathways,
-    choose_samples,
-    ids_hash,
-    load_pathways,
-    pathway_index_groups,
-    read_gene_sets,
-    read_xena,
-)
+from modaltune.gene_scaler import GeneScaler, ids_hash
+from modaltune.genesets import read_gene_sets
+from modaltune.genomics import build_pathways, load_pathways, pathway_index_groups
+from modaltune.xena import choose_samples, read_xena
 
 
 def _write_xena(path, genes, samples, values, gz=False, header_name="sample"):
@@ -312,22 +307,6 @@ def test_universe_excludes_constant_genes(tmp_path, gmt):
     rep = build_pathways(x, gmt, tmp_path / "p.parquet", tmp_path / "r.json", universe_path=uni)
     assert rep["groups"] == {"HALLMARK_A": ["TP53", "IL8"], "REACT_B": ["MYC"]}  # EGFR constant pan-cancer
     assert rep["universe"]["n_constant_or_empty"] == 1
-
-
-def test_combine_site_pathways(tmp_path, gmt):
-    from modaltune.genomics import combine_site_pathways
-
-    paths = {}
-    for site, pid in (("BRCA", "TCGA-AA-0001"), ("LUAD", "TCGA-BB-0001")):
-        x = _write_xena(tmp_path / f"{site}.tsv", ["TP53", "IL8", "EGFR", "MYC"], [f"{pid}-01"], [[1.5]] * 4)
-        paths[site] = tmp_path / f"{site}.parquet"
-        build_pathways(x, gmt, paths[site], tmp_path / f"{site}.json")
-    union = combine_site_pathways(paths, tmp_path / "pan.parquet")
-    df, groups = load_pathways(tmp_path / "pan.parquet")
-    assert list(df.index) == ["TCGA-AA-0001", "TCGA-BB-0001"] and groups["REACT_B"] == ["MYC", "EGFR"]
-    assert len(union) == 2
-    with pytest.raises(InputError, match="two sites"):
-        combine_site_pathways({"A": paths["BRCA"], "B": paths["BRCA"]}, tmp_path / "bad.parquet")
 
 
 def test_membership_csv_with_saved_index(tmp_path):

@@ -301,7 +301,7 @@ def planted_run(planted, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("planted_run")
     p = planted["paths"]
-    build_pathways(p["rna"], p["genesets"], root / "pathways.parquet", root / "report.json")
+    build_pathways(p["rna"], p["gene_sets"], root / "pathways.parquet", root / "report.json")
     build_clinical_table(p["clinical"], p["biospecimen"], root / "cases.parquet", cohort="BRCA", sheet=p["sheet"],
                          rna_parquet=root / "pathways.parquet")
     make_splits(root / "cases.parquet", root / "splits.parquet", scheme="fixed", val_fraction=0.25, test_fraction=0.25,

@@ -3,8 +3,6 @@ batched == per-patient."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -65,15 +63,16 @@ def test_registry_build_and_shapes():
     assert (out[0, 0] - out[0, 1]).abs().max() > 1e-4
 
 
-def test_tiny_config_forward_backward_is_fast():
+def test_tiny_config_forward_backward_reaches_trainable_weights_only():
     torch.manual_seed(0)
     model = ModalTune(_cfg(use_clinical=True), _dims()).train()
-    batch = _patient(200, 1)
-    model(batch)["embedding"].sum().backward()  # warm-up
-    t0 = time.perf_counter()
-    model(batch)["embedding"].sum().backward()
-    # ~0.3 s on an idle core; generous bound for loaded CI machines
-    assert time.perf_counter() - t0 < 5.0
+    model(_patient(200, 1))["embedding"].sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(grads[n] is None for n in grads if n not in trainable)  # frozen encoder: no gradient
+    reached = [n for n in trainable if grads[n] is not None]
+    assert len(reached) > len(trainable) // 2
+    assert all(torch.isfinite(grads[n]).all() for n in reached)
 
 
 def test_frozen_encoder_untouched_by_a_training_step():

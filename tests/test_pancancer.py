@@ -63,6 +63,18 @@ def test_union_rejects_other_genes_and_shared_patients(tmp_path):
         _merge(tmp_path, a, _site(tmp_path, "c", "NSCLC", "A"))
 
 
+def test_union_needs_the_same_folds_and_consistent_sites(tmp_path):
+    a, b = _site(tmp_path, "a", "BRCA", "A"), _site(tmp_path, "b", "NSCLC", "B")
+    two_folds = pd.concat([pd.read_parquet(b["splits"]), pd.read_parquet(b["splits"]).assign(fold=1)])
+    two_folds.to_parquet(b["splits"])
+    with pytest.raises(InputError, match="different folds"):
+        _merge(tmp_path, a, b)
+    pd.read_parquet(b["splits"]).query("fold == 0").assign(site="BRCA").to_parquet(b["splits"])
+    with pytest.raises(InputError, match="site column"):
+        _merge(tmp_path, a, b)
+    assert not (tmp_path / "pan_cases.parquet").exists()
+
+
 def test_pancancer_and_ood_are_dag_targets(tmp_path):
     cfg = {
         "cohorts": {"demo": {"site": "BRCA", "demo": {"n_patients": 12, "seed": 0}},

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_e2e import make_workdir
-
 ROOT = Path(__file__).resolve().parents[1]
 START = ROOT.parent / "shared" / "slurm" / "start-single-node-slurm.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -75,7 +73,7 @@ def _metrics(work: Path) -> dict:
     return {str(p.relative_to(work)): json.loads(p.read_text()) for p in found}
 
 
-def test_demo_dag_through_slurm_matches_local_run(cluster, tmp_path):
+def test_demo_dag_through_slurm_matches_local_run(cluster, tmp_path, make_workdir):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     local = make_workdir(tmp_path / "local", CONFIG)
     res = subprocess.run([sys.executable, "-m", "snakemake", "-c2", "--configfile", "test_config.yaml"],

@@ -1,4 +1,5 @@
-"""Tests for modaltune.splits: schemes, stratification, leakage checks, imports, pan-cancer union."""
+"""Tests for modaltune.splits: schemes, stratification, leakage checks, imports (the pan-cancer union
+is tested in test_pancancer.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,7 @@ import pandas as pd
 import pytest
 
 from modaltune.errors import InputError, LeakageError
-from modaltune.splits import (
-    check_no_leakage,
-    combine_site_splits,
-    make_splits,
-    partition_summary,
-    slide_partitions,
-)
+from modaltune.splits import check_no_leakage, make_splits, partition_summary
 
 
 def _cases(n=120, seed=0, site="BRCA", prefix="TCGA-AA"):
@@ -109,16 +104,22 @@ def test_fixed_scheme_matches_paper_rule(tmp_path, cases_path):
 
 
 def test_patient_level_slides_together(tmp_path, cases_path):
-    df = make_splits(cases_path, tmp_path / "s.parquet")
-    cases = _cases()
-    sheet = [
-        (f"{p}-01Z-00-DX{k + 1}", p)
-        for p, n in zip(cases["patient_id"], cases["n_slides"], strict=True)
-        for k in range(n)
-    ]
-    slides = slide_partitions(df, sheet)
-    assert slides.groupby(["fold", "patient_id"])["partition"].nunique().max() == 1
-    assert len(slides) == 5 * sum(n for _, n in zip(cases["patient_id"], cases["n_slides"], strict=True))
+    """Imported slide-level splits are resolved to patients: two slides of one patient in different
+    partitions of a fold are a leak, not two samples."""
+    folder = tmp_path / "clam"
+    folder.mkdir()
+    sheet = tmp_path / "sheet.tsv"
+    sheet.write_text("slide_id\tpatient_id\tpath\nslideA\tTCGA-AA-0005\ta.svs\nslideB\tTCGA-AA-0005\tb.svs\n")
+    split = pd.DataFrame({"train": ["slideA", "TCGA-AA-0007"], "val": ["TCGA-AA-0008", None],
+                          "test": ["slideB", None]})
+    split.to_csv(folder / "splits_0.csv")
+    with pytest.raises(LeakageError, match="TCGA-AA-0005"):
+        make_splits(cases_path, tmp_path / "imp.parquet", scheme="import", import_path=folder, sheet=sheet)
+    assert not (tmp_path / "imp.parquet").exists()
+    split.assign(train=["slideA", "slideB"], test=[None, None]).to_csv(folder / "splits_0.csv")
+    df = make_splits(cases_path, tmp_path / "imp.parquet", scheme="import", import_path=folder, sheet=sheet)
+    assert (df.loc[df["patient_id"] == "TCGA-AA-0005", "partition"] == "train").all()
+    assert df.duplicated(["fold", "patient_id"]).sum() == 0
 
 
 def test_leakage_error_on_crafted_split():
@@ -197,31 +198,6 @@ def test_import_clam_csv_slides_and_patients(tmp_path, cases_path):
     assert f1["TCGA-AA-0006"] == "test" and f1["TCGA-AA-0009"] == "val"
     rep = json.loads((tmp_path / "imp.import.json").read_text())
     assert rep["unknown_ids"] == ["mystery"] and rep["matched_via"]["slide_sheet"] == 4
-
-
-def test_pan_cancer_union(tmp_path):
-    paths = {}
-    for k, site in enumerate(["BRCA", "NSCLC"]):
-        c = tmp_path / f"{site}.cases.parquet"
-        _cases(n=60, seed=k, site=site, prefix=f"TCGA-{site[:2]}").to_parquet(c, index=False)
-        paths[site] = tmp_path / f"{site}.parquet"
-        make_splits(c, paths[site], n_folds=3)
-    union = combine_site_splits(paths, tmp_path / "pan.parquet")
-    assert len(union) == 2 * 60 * 3 and set(union["site"]) == {"BRCA", "NSCLC"}
-    for site, p in paths.items():
-        own = pd.read_parquet(p)
-        mine = union[union.site == site].merge(own, on=["patient_id", "fold"], suffixes=("", "_own"))
-        assert len(mine) == len(own) and (mine["partition"] == mine["partition_own"]).all()
-    with pytest.raises(InputError, match="site column"):
-        combine_site_splits({"BRCA": paths["BRCA"], "OTHER": paths["BRCA"]}, tmp_path / "bad.parquet")
-    clash = tmp_path / "clash.cases.parquet"
-    _cases(n=60, seed=5, site="OTHER", prefix="TCGA-BR").to_parquet(clash, index=False)  # same ids as BRCA
-    make_splits(clash, tmp_path / "clash.parquet", n_folds=3)
-    with pytest.raises(LeakageError, match="TCGA-BR-0000.*sites"):
-        combine_site_splits(
-            {"BRCA": paths["BRCA"], "OTHER": tmp_path / "clash.parquet"}, tmp_path / "bad.parquet"
-        )
-    assert not (tmp_path / "bad.parquet").exists()
 
 
 def test_bad_inputs(tmp_path, cases_path):

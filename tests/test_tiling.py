@@ -24,16 +24,13 @@ from modaltune.tiling import (
     tile_slide,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_slides import cmu_small_region, tissue_rect_image, write_test_pyramid  # noqa: E402
-
 # 3072 x 2048 level 0 (pyramid /1 /2 /4), tissue rectangle x 1000..2600, y 500..1600 (level-0 px).
 W, H = 3072, 2048
 RECT = (1000, 500, 2600, 1600)
 
 
 @pytest.fixture(scope="module")
-def slides(tmp_path_factory) -> dict[str, Path]:
+def slides(tmp_path_factory, tissue_rect_image, write_test_pyramid) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("slides")
     img = tissue_rect_image(H, W, RECT)
     out = {f"mpp{m}": write_test_pyramid(d / f"rect_{m}.tif", img, m) for m in (0.25, 0.5, 0.3)}
@@ -179,7 +176,7 @@ def test_blank_slide_records_no_tissue(slides, tmp_path):
         assert (tmp_path / f"{method}.png").exists()
 
 
-def test_tissue_methods_find_the_rectangle():
+def test_tissue_methods_find_the_rectangle(tissue_rect_image):
     img = tissue_rect_image(300, 400, (100, 50, 300, 250))
     truth = np.zeros((300, 400), bool)
     truth[50:250, 100:300] = True
@@ -258,8 +255,8 @@ def test_region_to_patch_whitens_transparency_and_area_averages():
     assert odd.shape == (256, 256, 3) and odd[0, 0].tolist() == [200, 100, 50] and odd[0, -1].tolist() == [255] * 3
 
 
-def test_cmu_small_region_real_slide(tmp_path):
-    svs = cmu_small_region()
+def test_cmu_small_region_real_slide(tmp_path, cmu_small_region):
+    svs = cmu_small_region
     res = tile_slide(str(svs), str(tmp_path / "cmu.h5"), min_tissue=0.5, qc_png=str(tmp_path / "cmu.png"))
     assert res["status"] == "ok" and res["level0_mpp"] == pytest.approx(0.499)
     assert 20 <= res["n_tiles"] <= 45, res["n_tiles"]

@@ -264,7 +264,7 @@ def test_tiny_run_learns_and_writes_outputs(tiny_run):
 
 
 def test_gene_scaler_fitted_on_train_only(cohort, tiny_run):
-    from modaltune.genomics import GeneScaler, ids_hash
+    from modaltune.gene_scaler import GeneScaler, ids_hash
 
     tmp_path = tiny_run[1]
     state = torch.load(tmp_path / "state.pt", weights_only=False)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path, write_json
+from modaltune.tables import read_sheet
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +320,6 @@ def read_biospecimen_tsv(path: str | os.PathLike) -> pd.DataFrame:
 
 def read_cohort_sheet(path: str | os.PathLike) -> pd.DataFrame:
     """Cohort sheet TSV (slide_id, patient_id, path[, mpp]), validated like the workflow's."""
-    from modaltune.workflow import read_sheet
-
     return read_sheet(path).reset_index(drop=True)
 
 

@@ -21,73 +21,16 @@ import torch
 from torch.utils.data import Dataset
 
 from modaltune.clinical import apply_covariates
-from modaltune.errors import InputError, LeakageError
+from modaltune.errors import InputError
 from modaltune.genomics import load_pathways, pathway_index_groups
+from modaltune.tables import PARTITIONS, read_cases, read_sheets, read_splits
 
 log = logging.getLogger(__name__)
 
-PARTITIONS = ("train", "val", "test")
 COORD_SPACES = {"target": "coords_target", "level0": "coords"}
 
 
 # ---------------------------------------------------------------------------------------------- readers
-def read_table(path_or_df, what: str, required: Sequence[str]) -> pd.DataFrame:
-    """A parquet/TSV path or a DataFrame, with the required columns checked."""
-    if isinstance(path_or_df, pd.DataFrame):
-        df, name = path_or_df.copy(), f"<{what} DataFrame>"
-    else:
-        name = str(path_or_df)
-        if not Path(name).exists():
-            raise InputError(f"{what} file {name} does not exist; run the stage that writes it first")
-        if name.endswith((".tsv", ".txt", ".tsv.gz")):
-            df = pd.read_csv(name, sep="\t", dtype={"slide_id": str, "patient_id": str})
-        elif name.endswith(".csv"):
-            df = pd.read_csv(name, dtype={"slide_id": str, "patient_id": str})
-        else:
-            df = pd.read_parquet(name)
-    if "patient_id" not in df.columns and df.index.name == "patient_id":
-        df = df.reset_index()
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise InputError(f"{what} {name}: missing column(s) {missing}; expected at least {list(required)}")
-    df["patient_id"] = df["patient_id"].astype(str)
-    return df
-
-
-def read_cases(cases) -> pd.DataFrame:
-    df = read_table(cases, "cases", ["patient_id", "label", "survival_months", "event"])
-    if df["patient_id"].duplicated().any():
-        dup = df.loc[df["patient_id"].duplicated(), "patient_id"].tolist()[:5]
-        raise InputError(f"cases: patient_id must be unique (one row per patient), duplicated: {dup}")
-    return df.set_index("patient_id", drop=False)
-
-
-def read_splits(splits, fold: int) -> pd.DataFrame:
-    """Rows of one fold; a patient in two partitions raises ``LeakageError``."""
-    df = read_table(splits, "splits", ["patient_id", "fold", "partition"])
-    folds = sorted(df["fold"].unique().tolist())
-    df = df[df["fold"] == fold]
-    if df.empty:
-        raise InputError(f"splits: fold {fold} not present (folds: {folds}); use a fold the split scheme made")
-    bad = sorted(set(df["partition"]) - set(PARTITIONS))
-    if bad:
-        raise InputError(f"splits: unknown partition(s) {bad}; allowed {list(PARTITIONS)}")
-    counts = df.groupby("patient_id")["partition"].nunique()
-    leaked = counts[counts > 1].index.tolist()
-    if leaked or df["patient_id"].duplicated().any():
-        raise LeakageError(f"splits fold {fold}: patient(s) {leaked[:5] or 'duplicated'} appear more than once")
-    return df
-
-
-def read_sheet(sheet) -> pd.DataFrame:
-    """Cohort sheet(s): one TSV/DataFrame or a list of them (pan-cancer = several site sheets)."""
-    if isinstance(sheet, (list, tuple)):
-        if not sheet:
-            raise InputError("cohort sheet: an empty list was given; pass the cohort's sheet TSV")
-        return pd.concat([read_sheet(s) for s in sheet], ignore_index=True).drop_duplicates(["slide_id", "patient_id"])
-    return read_table(sheet, "cohort sheet", ["slide_id", "patient_id"]).astype({"slide_id": str})
-
-
 def read_text_h5(path) -> tuple[dict[str, int], np.ndarray]:
     """(patient -> row, embeddings (P, 4, T)) from a text/fold_{k}.h5 file."""
     if not Path(path).exists():
@@ -226,7 +169,7 @@ class CohortData:
         self.partition = dict(zip(split["patient_id"], split["partition"], strict=True))
         ids = split["patient_id"].tolist()
 
-        sheet_df = read_sheet(sheet)
+        sheet_df = read_sheets(sheet)
         fmap = feature_map(feature_files)
         self.slides: dict[str, list[str]] = {p: [] for p in ids}
         for sid, pid in zip(sheet_df["slide_id"], sheet_df["patient_id"], strict=True):

@@ -602,10 +602,20 @@ def _write_tsv(path: Path, df: pd.DataFrame, na_rep: str = "") -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The demo cohort's input files (relative to its folder), keyed like a real cohort's config inputs.
+DEMO_FILES = {
+    "sheet": "cohort_sheet.tsv",
+    "rna": "rna/HiSeqV2_PANCAN.gz",
+    "gene_sets": "genesets/demo.gmt",
+    "clinical": "clinical/clinical.tsv",
+    "biospecimen": "biospecimen/slide.tsv",
+}
+
+
 def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size: tuple[int, int] = (4096, 3072),
                      workers: int | None = None, planted_fraction: float = PLANT_FRACTION) -> dict[str, Path]:
-    """Write the demo cohort under ``out_dir``; return the paths (keys sheet, slides_dir, rna, genesets,
-    clinical, biospecimen, truth, truth_regions).
+    """Write the demo cohort under ``out_dir``; return the paths (keys of ``DEMO_FILES``, plus
+    slides_dir, truth, truth_regions).
 
     Deterministic in ``seed``. ``slide_size`` (level-0 width, height; each slide varies by +-10 %) and
     ``workers`` (slide-writing processes, default min(2, CPUs)) exist for tests and small machines.
@@ -616,17 +626,13 @@ def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size
     out = Path(out_dir)
     layout = _layout(n_patients, seed)
     sheet = demo_sheet(n_patients, seed)
-    paths = {
-        "sheet": out / "cohort_sheet.tsv", "slides_dir": out / "slides", "rna": out / "rna" / "HiSeqV2_PANCAN.gz",
-        "genesets": out / "genesets" / "demo.gmt", "clinical": out / "clinical" / "clinical.tsv",
-        "biospecimen": out / "biospecimen" / "slide.tsv", "truth": out / "truth.tsv",
-        "truth_regions": out / "truth_regions.tsv",
-    }
+    paths = {k: out / v for k, v in DEMO_FILES.items()}
+    paths.update(slides_dir=out / "slides", truth=out / "truth.tsv", truth_regions=out / "truth_regions.tsv")
     paths["slides_dir"].mkdir(parents=True, exist_ok=True)
 
     # Tables first (milliseconds), slides last (seconds): a killed run still leaves usable tables.
     _write_xena(paths["rna"], _expression(layout, seed))
-    _write_gmt(paths["genesets"], _gene_sets())
+    _write_gmt(paths["gene_sets"], _gene_sets())
     clinical, slides = _clinical(layout, seed)
     _write_tsv(paths["clinical"], clinical)
     _write_tsv(paths["biospecimen"], slides)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +22,9 @@ import numpy as np
 from modaltune import __version__
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path
+from modaltune.tables import attr_value, read_tiles_attrs
 
 if TYPE_CHECKING:
-    import pandas as pd
     import torch
 
 log = logging.getLogger(__name__)
@@ -93,36 +93,6 @@ def _default_reader(tiles_h5: str):
     return TileReader(tiles_h5)
 
 
-def _attr(v: Any) -> Any:
-    """HDF5 attrs -> plain python (for comparisons and returned dicts)."""
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
-
-
-def read_tiles_attrs(tiles_h5: str | Path) -> dict:
-    path = Path(tiles_h5)
-    if not path.is_file():
-        raise InputError(f"tiles file {path} not found: run the tiling step for this slide first")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
-            attrs["_has_coords"] = "coords" in f
-    except OSError as exc:
-        raise InputError(f"tiles file {path} is not a readable HDF5 file ({exc}); delete it and re-run tiling") \
-            from exc
-    if "status" not in attrs:
-        raise InputError(f"tiles file {path}: attribute 'status' missing; it was not written by "
-                         "modaltune tiling (re-run tiling)")
-    if attrs["status"] == "ok" and not attrs["_has_coords"]:
-        raise InputError(f"tiles file {path}: status 'ok' but no 'coords' dataset; re-run tiling")
-    return attrs
-
-
 def _canonical_kwargs(encoder: str, encoder_kwargs: dict) -> tuple[str, int | None]:
     from modaltune.encoders import encoder_class
 
@@ -135,7 +105,7 @@ def _stale_reason(out_h5: Path, expected: dict) -> str | None:
     """None if ``out_h5`` is complete and matches ``expected``; else why it must be redone."""
     try:
         with h5py.File(out_h5, "r") as f:
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            attrs = {k: attr_value(v) for k, v in f.attrs.items()}
     except OSError as exc:
         return f"unreadable ({exc})"
     if not attrs.get("complete", False):
@@ -218,7 +188,7 @@ def embed_slide(tiles_h5: str | Path, out_h5: str | Path, *, encoder: str = "tin
         reason = _stale_reason(out_h5, expected)
         if reason is None:
             with h5py.File(out_h5, "r") as f:
-                attrs = {k: _attr(v) for k, v in f.attrs.items()}
+                attrs = {k: attr_value(v) for k, v in f.attrs.items()}
             log.info("features %s: complete and up to date; skipped", out_h5)
             return _summary("skipped", out_h5, attrs, stored_status=attrs.get("status"))
         log.warning("features %s: redoing, existing file is stale: %s", out_h5, reason)
@@ -305,26 +275,3 @@ def _copy_coords(tiles_h5: Path, f: h5py.File, n: int) -> None:
             dst = f.create_dataset(name, shape=(n, 2), dtype=np.int64)
             for start in range(0, n, _COPY_ROWS):
                 dst[start:start + _COPY_ROWS] = src[name][start:start + _COPY_ROWS]
-
-
-def throughput_table(feature_h5_paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per features file: slide, encoder, n_tiles, tiles_per_s, wall_s, status, error."""
-    import pandas as pd
-
-    rows = []
-    for p in map(Path, feature_h5_paths):
-        row = {"slide": p.stem, "encoder": None, "n_tiles": 0, "tiles_per_s": np.nan, "wall_s": np.nan,
-               "status": "missing", "error": "", "path": str(p)}
-        if p.is_file():
-            try:
-                with h5py.File(p, "r") as f:
-                    a = {k: _attr(v) for k, v in f.attrs.items()}
-                row.update(slide=a.get("slide_id", p.stem), encoder=a.get("encoder"),
-                           n_tiles=int(a.get("n_rows", 0)), tiles_per_s=float(a.get("tiles_per_s", np.nan)),
-                           wall_s=float(a.get("wall_s", np.nan)), error=a.get("error", ""),
-                           status=a.get("status", "unknown") if a.get("complete") else "incomplete")
-            except OSError as exc:
-                row.update(status="unreadable", error=str(exc))
-        rows.append(row)
-    cols = ["slide", "encoder", "n_tiles", "tiles_per_s", "wall_s", "status", "error", "path"]
-    return pd.DataFrame(rows, columns=cols)

@@ -38,20 +38,12 @@ import h5py
 import numpy as np
 
 from modaltune import __version__
-from modaltune.data import (
-    PatientDataset,
-    collate_patients,
-    load_gene_table,
-    read_sheet,
-    read_splits,
-    read_table,
-    usable_slide,
-)
+from modaltune.data import PatientDataset, collate_patients, load_gene_table, usable_slide
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path, file_sha256
 from modaltune.models import positional_grid
 from modaltune.runs import build_from_state, load_state, pick_device, restore_preprocessing, to_device
-from modaltune.workflow import combined_sheet
+from modaltune.tables import read_sheet, read_sheets, read_splits, read_table
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +344,7 @@ def make_heatmaps(*, run_dir, slides: Sequence[str | None], outputs: Sequence[di
         raise InputError(f"make_heatmaps: {len(slides)} slides but {len(outputs)} output sets")
     labels = list(labels) if labels is not None else [""] * len(slides)
     # The workflow's sheet reader: slide paths resolved against each sheet's folder.
-    sh = combined_sheet(sheet).drop_duplicates("slide_id").set_index("slide_id", drop=False)
+    sh = read_sheets(sheet).drop_duplicates("slide_id").set_index("slide_id", drop=False)
     wanted = [s for s in slides if s is not None]
     missing = sorted(set(wanted) - set(sh.index))
     if missing:

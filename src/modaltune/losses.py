@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,31 +27,6 @@ def text_kl_loss(embeddings: torch.Tensor, targets: torch.Tensor, weight: float 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over patients with a subtype label (label -1 = not in the task is ignored)."""
     return F.cross_entropy(logits.float(), labels.long(), ignore_index=-1)
-
-
-def survival_bins(train_times, train_events, n_bins: int = 4) -> np.ndarray:
-    """Bin edges (n_bins + 1) from quantiles of the TRAINING patients' uncensored times (SurvPath's rule).
-
-    The outer edges are 0 and +inf so every val/test time falls into a bin. Fitted on train only:
-    bins from all patients leak held-out follow-up (method bug 8).
-    """
-    t = np.asarray(train_times, float)
-    e = np.asarray(train_events, float)
-    ok = np.isfinite(t) & np.isfinite(e)
-    unc = t[ok & (e > 0)]
-    if len(unc) < n_bins:  # too few deaths for stable quantiles: use all training times
-        unc = t[ok]
-    if len(unc) == 0:
-        raise ValueError("survival_bins: no finite training survival times")
-    inner = np.quantile(unc, np.linspace(0, 1, n_bins + 1)[1:-1])
-    return np.concatenate([[0.0], np.maximum.accumulate(inner), [np.inf]])
-
-
-def time_to_bin(times, edges: np.ndarray) -> np.ndarray:
-    """Bin index in [0, n_bins) of each time (right-closed inner edges); NaN times get -1."""
-    t = np.asarray(times, float)
-    idx = np.searchsorted(edges[1:-1], t, side="left")
-    return np.where(np.isfinite(t), idx, -1).astype(np.int64)
 
 
 def discrete_survival_nll(hazard_logits: torch.Tensor, bin_idx: torch.Tensor, event: torch.Tensor,
@@ -84,5 +58,4 @@ def risk_from_hazards(hazard_logits: torch.Tensor) -> torch.Tensor:
     return -s.sum(dim=1)
 
 
-__all__ = ["classification_loss", "discrete_survival_nll", "risk_from_hazards", "survival_bins",
-           "text_kl_loss", "time_to_bin"]
+__all__ = ["classification_loss", "discrete_survival_nll", "risk_from_hazards", "text_kl_loss"]

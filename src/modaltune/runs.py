@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from modaltune.clinical import encode_covariates
 from modaltune.data import collate_patients
 from modaltune.errors import InputError
-from modaltune.genomics import GeneScaler
+from modaltune.gene_scaler import GeneScaler
 from modaltune.models import ModelDims, build_model
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

@@ -20,6 +20,7 @@ import pandas as pd
 
 from modaltune.errors import InputError, LeakageError
 from modaltune.io_utils import atomic_path, write_json
+from modaltune.tables import read_cases, read_sheet
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +36,7 @@ _CSV_FOLD = re.compile(r"splits?_(\d+)\.csv$", re.IGNORECASE)
 
 
 def _read_cases(cases) -> pd.DataFrame:
-    if isinstance(cases, pd.DataFrame):
-        df, where = cases.copy(), "cases table"
-    else:
-        where = Path(cases)
-        if not where.is_file():
-            raise InputError(f"{where}: cases table not found; run the clinical_table stage first")
-        df = pd.read_parquet(where)
-    if "patient_id" not in df.columns and df.index.name == "patient_id":
-        df = df.reset_index()
-    missing = {"patient_id", "label"} - set(df.columns)
-    if missing:
-        raise InputError(
-            f"{where}: missing column(s) {sorted(missing)} (see docs/ARCHITECTURE.md, cases.parquet)"
-        )
-    if df["patient_id"].duplicated().any():
-        dup = sorted(df.loc[df["patient_id"].duplicated(), "patient_id"].astype(str))[:5]
-        raise InputError(f"{where}: patient_id must be unique (one row per patient); duplicated: {dup}")
-    df["patient_id"] = df["patient_id"].astype(str)
+    df = read_cases(cases, required=("patient_id", "label")).reset_index(drop=True)
     df["label"] = pd.to_numeric(df["label"], errors="coerce").fillna(-1).astype(int)
     df["has_rna"] = df["has_rna"].fillna(False).astype(bool) if "has_rna" in df else True
     df["n_slides"] = (
@@ -191,13 +175,7 @@ def _kfold(cases: pd.DataFrame, n_folds: int, val_fraction: float, seed: int) ->
 def _read_sheet(sheet) -> dict[str, str]:
     if sheet is None:
         return {}
-    path = Path(sheet)
-    if not path.is_file():
-        raise InputError(f"{path}: cohort sheet not found (TSV with slide_id, patient_id, path)")
-    table = pd.read_csv(path, sep="\t", dtype=str)
-    missing = {"slide_id", "patient_id"} - set(table.columns)
-    if missing:
-        raise InputError(f"{path}: cohort sheet lacks column(s) {sorted(missing)}")
+    table = read_sheet(sheet)
     return dict(zip(table["slide_id"], table["patient_id"], strict=True))
 
 
@@ -467,50 +445,3 @@ def make_splits(
     if summary_path is not None:
         _write_summary(summary, summary_path)
     return df
-
-
-def combine_site_splits(split_paths: Mapping[str, str | os.PathLike], out_parquet) -> pd.DataFrame:
-    """Pan-cancer split = union of per-site splits; each site keeps its own membership."""
-    frames = []
-    folds: dict[str, set] = {}
-    for site, path in split_paths.items():
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: split for site {site} not found")
-        df = pd.read_parquet(path)
-        missing = {"patient_id", "fold", "partition"} - set(df.columns)
-        if missing:
-            raise InputError(f"{path}: split lacks column(s) {sorted(missing)}")
-        if "site" in df and ((df["site"] != "") & (df["site"] != site)).any():
-            raise InputError(
-                f"{path}: given as site {site} but its site column says {sorted(set(df['site']) - {''})}"
-            )
-        df = df.assign(site=site)
-        if "flags" not in df:
-            df["flags"] = ""
-        folds[site] = set(df["fold"])
-        frames.append(df[SPLIT_COLUMNS])
-    if len({frozenset(f) for f in folds.values()}) > 1:
-        raise InputError(
-            f"site splits have different folds ({ {s: sorted(f) for s, f in folds.items()} }); "
-            "make them with the same scheme and n_folds"
-        )
-    union = pd.concat(frames, ignore_index=True)
-    sites_per_patient = union.groupby("patient_id")["site"].nunique()
-    multi = sites_per_patient[sites_per_patient > 1]
-    if len(multi):
-        p = multi.index[0]
-        raise LeakageError(
-            f"patient {p} appears in sites {sorted(union.loc[union['patient_id'] == p, 'site'].unique())}"
-        )
-    check_no_leakage(union)
-    union = union.sort_values(["fold", "site", "partition", "patient_id"], ignore_index=True)
-    _write_parquet(union, out_parquet)
-    return union
-
-
-def slide_partitions(splits: pd.DataFrame, sheet_rows: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """Expand patient splits to slides: (slide_id, patient_id) pairs -> slide_id, patient_id, fold,
-    partition."""
-    slides = pd.DataFrame(list(sheet_rows), columns=["slide_id", "patient_id"])
-    return slides.merge(splits[["patient_id", "fold", "partition"]], on="patient_id", how="inner")

@@ -49,6 +49,7 @@ from modaltune import __version__
 from modaltune.errors import InputError, SlideError
 from modaltune.io_utils import atomic_path
 from modaltune.slide_io import SlideHandle, TiffLevelReader, open_openslide, open_slide
+from modaltune.tables import read_tiles
 
 MASK_MIN_SIDE = 1000
 MAX_MASK_SIDE = 2048
@@ -318,21 +319,6 @@ def region_to_patch(region, patch_size: int):
     return rgb.resize((patch_size, patch_size), Image.Resampling.BOX if rs > patch_size else Image.Resampling.BILINEAR)
 
 
-def read_tiles_attrs(tiles_h5: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(coords, coords_target, attrs) of a tiles HDF5; InputError naming the file when it is not one."""
-    try:
-        with h5py.File(tiles_h5, "r") as f:
-            coords = np.asarray(f["coords"][:], np.int64).reshape(-1, 2)
-            coords_t = np.asarray(f["coords_target"][:], np.int64).reshape(-1, 2)
-            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-    except (OSError, KeyError) as e:
-        raise InputError(f"{tiles_h5}: not a readable tiles HDF5 ({e}); rerun the tile stage for this slide") from e
-    missing = [k for k in ("slide_path", "read_level", "read_size", "patch_size", "status") if k not in attrs]
-    if missing:
-        raise InputError(f"{tiles_h5}: attrs {missing} missing; rerun the tile stage for this slide")
-    return coords, coords_t, attrs
-
-
 class TileReader:
     """Tiles of one slide as (patch_size, patch_size, 3) uint8 RGB arrays, indexable like a Dataset.
 
@@ -344,7 +330,7 @@ class TileReader:
 
     def __init__(self, tiles_h5: str, slide_path: str | None = None, fast: bool = True):
         self.tiles_h5 = os.fspath(tiles_h5)
-        self.coords, self.coords_target, self.attrs = read_tiles_attrs(self.tiles_h5)
+        self.coords, self.coords_target, self.attrs = read_tiles(self.tiles_h5)
         self.slide_path = os.fspath(slide_path or self.attrs["slide_path"])
         self.patch_size = int(self.attrs["patch_size"])
         self.read_level = int(self.attrs["read_level"])

@@ -26,14 +26,7 @@ from tqdm.auto import tqdm
 from modaltune.data import CohortData
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path, file_sha256
-from modaltune.losses import (
-    classification_loss,
-    discrete_survival_nll,
-    risk_from_hazards,
-    survival_bins,
-    text_kl_loss,
-    time_to_bin,
-)
+from modaltune.losses import classification_loss, discrete_survival_nll, risk_from_hazards, text_kl_loss
 from modaltune.models import ModelDims, positional_grid
 from modaltune.probes import class_metrics, harrell_c, mean_or_none, probe_sites, site_groups
 from modaltune.runs import (
@@ -49,6 +42,7 @@ from modaltune.runs import (
     to_device,
     trainable_state,
 )
+from modaltune.survival_bins import hazard_bin_edges, hazard_bin_index
 from modaltune.text import make_text_projector
 
 matplotlib.use("Agg")
@@ -167,7 +161,7 @@ class _LossFn:
                 return None
             return classification_loss(out["logits"], batch["label"])
         if self.objective == "survival":
-            bins = torch.from_numpy(time_to_bin(batch["time"].cpu().numpy(), self.edges)).to(batch["time"].device)
+            bins = torch.from_numpy(hazard_bin_index(batch["time"].cpu().numpy(), self.edges)).to(batch["time"].device)
             if not bool(((bins >= 0) & torch.isfinite(batch["event"])).any()):
                 return None
             return discrete_survival_nll(out["hazards"], bins, batch["event"], alpha=self.cfg["surv_alpha"])
@@ -323,7 +317,7 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
     fit_ids = data.fit_ids()
     gene_scaler, cov_state = fit_fold_preprocessing(cases, fit_ids, gene_table)
     tr_cases = cases.loc[fit_ids]
-    edges = survival_bins(tr_cases["survival_months"], tr_cases["event"], int(cfg["n_bins"]))
+    edges = hazard_bin_edges(tr_cases["survival_months"], tr_cases["event"], int(cfg["n_bins"]))
     ngrids, tile = positional_grid(model_cfg.get("arch", model_name), model_cfg)
     view = dict(gene_scaler=gene_scaler, covariate_state=cov_state, coords_space=cfg["coords_space"],
                 slide_gap=cfg["slide_gap"], seed=int(seed), grid_ngrids=ngrids, grid_tile=tile)

@@ -8,23 +8,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
+from modaltune.demo import DEMO_FILES
 from modaltune.errors import InputError
+from modaltune.tables import check_sheet, read_sheet
 
-SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-DEMO_FILES = {
-    "sheet": "cohort_sheet.tsv",
-    "rna": "rna/HiSeqV2_PANCAN.gz",
-    "gene_sets": "genesets/demo.gmt",
-    "clinical": "clinical/clinical.tsv",
-    "biospecimen": "biospecimen/slide.tsv",
-}
+COHORT_INPUTS = tuple(DEMO_FILES)  # input files of a real cohort, named like the demo's
 
 
 def target_cohorts(config: dict) -> list[str]:
@@ -89,13 +83,13 @@ def cohort_inputs(config: dict, cohort: str) -> dict[str, str]:
     if blk.get("demo"):
         base = demo_dir(config, cohort)
         return {k: f"{base}/{v}" for k, v in DEMO_FILES.items()}
-    missing = [k for k in DEMO_FILES if not blk.get(k)]
+    missing = [k for k in COHORT_INPUTS if not blk.get(k)]
     if missing:
         raise InputError(
             f"config cohorts.{cohort}: missing input paths {missing}; each real cohort needs "
             "sheet, rna, gene_sets, clinical and biospecimen (see config/cohort_example.yaml)"
         )
-    return {k: str(blk[k]) for k in DEMO_FILES}
+    return {k: str(blk[k]) for k in COHORT_INPUTS}
 
 
 def load_sheet(config: dict, cohort: str) -> pd.DataFrame:
@@ -108,66 +102,8 @@ def load_sheet(config: dict, cohort: str) -> pd.DataFrame:
         base = demo_dir(config, cohort)
         sheet = demo_sheet(int(d.get("n_patients", 40)), int(d.get("seed", 0)), out_dir=base)
         sheet = sheet.assign(path=[f"{base}/{p}" for p in sheet["path"]])
-        return _check_sheet(sheet, f"demo cohort {cohort}")
+        return check_sheet(sheet, f"demo cohort {cohort}")
     return read_sheet(blk["sheet"])
-
-
-def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a cohort sheet TSV (slide_id, patient_id, path[, mpp]); relative paths are resolved
-    against the sheet's folder."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"cohort sheet {path} does not exist; set cohorts.<name>.sheet in your config")
-    try:
-        sheet = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "patient_id": str, "path": str})
-    except pd.errors.EmptyDataError as exc:
-        raise InputError(
-            f"cohort sheet {path} is empty (0 bytes); write a TSV with a header slide_id, patient_id, path[, mpp] "
-            "and one row per slide (`modaltune sheet SLIDE_DIR > cohort_sheet.tsv` builds one)"
-        ) from exc
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise InputError(f"cohort sheet {path}: not a readable tab-separated file ({exc})") from exc
-    sheet.columns = [str(c).strip().lstrip("\ufeff") for c in sheet.columns]
-    if sheet.empty:
-        raise InputError(
-            f"cohort sheet {path} has a header but no slides; add one row per slide "
-            "(`modaltune sheet SLIDE_DIR > cohort_sheet.tsv` builds one)"
-        )
-    for col in ("slide_id", "patient_id", "path"):  # stray spaces / Windows line endings around ids
-        if col in sheet:
-            sheet[col] = sheet[col].map(lambda v: v.strip() if isinstance(v, str) else v)
-    base = path.parent
-    if "path" in sheet:
-        sheet["path"] = [p if os.path.isabs(p) else os.path.normpath(base / p) for p in sheet["path"]]
-    return _check_sheet(sheet, str(path))
-
-
-def _check_sheet(sheet: pd.DataFrame, where: str) -> pd.DataFrame:
-    missing = {"slide_id", "patient_id", "path"} - set(sheet.columns)
-    if missing:
-        raise InputError(f"{where}: missing column(s) {sorted(missing)}; a cohort sheet is a TSV with "
-                         "slide_id, patient_id, path and optional mpp")
-    if sheet["slide_id"].duplicated().any():
-        dup = sheet.loc[sheet["slide_id"].duplicated(), "slide_id"].tolist()[:5]
-        raise InputError(f"{where}: duplicated slide_id values {dup}; slide ids must be unique")
-    bad = [s for s in sheet["slide_id"] if not SLIDE_ID.match(str(s))][:5]
-    if bad:
-        raise InputError(f"{where}: slide_id values {bad} contain characters other than letters, digits, "
-                         "'_', '.', '-'; rename them (they become file names)")
-    if sheet["patient_id"].isna().any():
-        raise InputError(f"{where}: empty patient_id for some slides; every slide needs its patient")
-    if "mpp" not in sheet:
-        sheet = sheet.assign(mpp=float("nan"))
-    return sheet.set_index("slide_id", drop=False)[["slide_id", "patient_id", "path", "mpp"]]
-
-
-def combined_sheet(paths: list[str] | str | pd.DataFrame) -> pd.DataFrame:
-    """Concatenate several cohort sheets (pan-cancer) into one slide_id -> patient_id table."""
-    if isinstance(paths, pd.DataFrame):
-        return paths
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    return pd.concat([read_sheet(p) for p in paths], ignore_index=True)
 
 
 def config_digest(config: dict) -> str:

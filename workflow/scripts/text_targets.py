@@ -1,5 +1,6 @@
 """Snakemake adapter: label prompts -> text embeddings for one fold."""
 
+from modaltune.settings import job_settings
 from modaltune.text import build_text_targets
 from modaltune.workflow import limit_threads, log_to
 
@@ -10,5 +11,5 @@ with log_to(snakemake.log[0]):
         snakemake.input.splits,
         int(snakemake.wildcards.fold),
         snakemake.output.h5,
-        **snakemake.params.text,
+        **job_settings(snakemake.params.text, snakemake.config, "text"),
     )

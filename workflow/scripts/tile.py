@@ -1,5 +1,6 @@
 """Snakemake adapter: tissue detection + grid for one slide."""
 
+from modaltune.settings import job_settings
 from modaltune.tiling import tile_slide
 from modaltune.workflow import log_to
 
@@ -10,5 +11,5 @@ with log_to(snakemake.log[0]):
         slide_id=snakemake.wildcards.slide,
         mpp_override=snakemake.params.mpp,
         qc_png=snakemake.output.qc,
-        **snakemake.params.tiling,
+        **job_settings(snakemake.params.tiling, snakemake.config, "tiling"),
     )

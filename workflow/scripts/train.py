@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from modaltune.settings import job_settings
 from modaltune.shards import expand_feature_inputs
 from modaltune.training import train_run
 from modaltune.workflow import limit_threads, log_to
@@ -11,7 +12,7 @@ with log_to(snakemake.log[0]):
     train_run(
         model_name=snakemake.wildcards.model,
         model_cfg=snakemake.params.model_cfg,
-        train_cfg=snakemake.params.train_cfg,
+        train_cfg=job_settings(snakemake.params.train_cfg, snakemake.config, "training"),
         cases_path=snakemake.input.cases,
         splits_path=snakemake.input.splits,
         fold=int(snakemake.wildcards.fold),
