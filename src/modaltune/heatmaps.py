@@ -307,7 +307,7 @@ def rank_test_slides(predictions, sheet, k: int, which: str = "high") -> list[tu
     pred = read_table(predictions, "predictions", ["patient_id", "partition", "risk"])
     test = pred[(pred["partition"] == "test") & np.isfinite(pred["risk"].astype(float))]
     test = test.sort_values(["risk", "patient_id"], ascending=[which == "low", True])
-    sh = read_sheet(sheet)
+    sh = read_sheets(sheet)
     first = sh.drop_duplicates("patient_id").set_index("patient_id")["slide_id"]
     out = []
     for pid, risk in zip(test["patient_id"], test["risk"].astype(float), strict=True):
