@@ -4,9 +4,12 @@ A writer's temporary file is ``.<stem>.<random>.part<suffix>`` in the target's f
 with SIGKILL cannot remove its own temporary file, so every new write of the same target first removes
 the partials a dead writer left (:func:`remove_orphans`). Snakemake runs at most one job per output
 file, so a partial of the same target normally belongs to a dead job; as a second guard each live
-writer holds an exclusive ``flock`` on its temporary file for as long as it writes, and partials that
-are still locked are left alone (the lock dies with the process, SIGKILL included). On file systems
-without working ``flock`` (some network mounts) the first rule alone applies.
+writer holds an exclusive POSIX record lock (``fcntl.lockf``) on its temporary file while it writes, and
+partials that are still locked by another process are left alone (the lock dies with the process, SIGKILL
+included, and is not inherited by forked DataLoader workers). POSIX locks rather than ``flock``: HDF5
+flock()s the files it opens, and the two kinds do not interfere on Linux. The guard is best effort:
+closing any descriptor of the file in the writer drops its POSIX lock (h5py does so just before the
+rename), and on file systems without working locks the one-job-per-target rule alone applies.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def orphan_pattern(target: str | os.PathLike, suffix: str | None = None) -> re.P
 
 
 def _locked(path: Path) -> bool:
-    """True when a live writer holds the flock on ``path``."""
+    """True when another live process holds the write lock on ``path``."""
     if fcntl is None:
         return False
     try:
@@ -71,13 +74,13 @@ def _locked(path: Path) -> bool:
     except FileNotFoundError:
         return True  # gone already: nothing to do
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
         return True
     except OSError:
-        return False  # flock not supported here
+        return False  # no locking on this file system
     finally:
-        os.close(fd)  # releases our probe lock
+        os.close(fd)  # releases the probe lock
     return False
 
 
@@ -123,7 +126,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None, clean: boo
         fd = None
     else:
         with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
