@@ -60,7 +60,7 @@ def make_slide(root: Path) -> dict:
     return {"slide": str(slide), "tiles": str(tiles)}
 
 
-def make_cohort(root: Path, seed: int = 0) -> dict:
+def make_cohort(root: Path, seed: int = 0, dim: int = D) -> dict:
     """Cases, one split, pathways, one features file per patient (planted label signal), a sheet."""
     from modaltune.genomics import GROUPS_KEY
 
@@ -93,14 +93,15 @@ def make_cohort(root: Path, seed: int = 0) -> dict:
     for i, p in enumerate(ids):
         f = root / "features" / f"{p}-DX1.h5"
         f.parent.mkdir(parents=True, exist_ok=True)
-        feats = rng.normal(0, 1, (N_PATCH, D)).astype(np.float32)
+        feats = rng.normal(0, 1, (N_PATCH, dim)).astype(np.float32)
         feats[:, :4] += label[i]
         grid = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 256
         with h5py.File(f, "w") as h5:
             h5["features"] = feats
             h5["coords"] = (grid * 2).astype(np.int64)
             h5["coords_target"] = grid.astype(np.int64)
-            h5.attrs.update(status="ok", error="", feature_dim=D, encoder="tiny", complete=True)
+            h5.attrs.update(status="ok", error="", feature_dim=dim, encoder="tiny", complete=True,
+                            level0_mpp=0.25, target_mpp=0.5, patch_size=256)
         files.append(str(f))
         sheet.append({"slide_id": f"{p}-DX1", "patient_id": p, "path": f"/slides/{p}-DX1.tiff"})
     pd.DataFrame(sheet).to_csv(root / "sheet.tsv", sep="\t", index=False)
