@@ -403,3 +403,19 @@ def test_partial_metrics_json_counts_as_corrupt(tmp_path):
     (run / "metrics.json").write_text('{"subtype_bacc": 0.5, ')  # truncated
     with pytest.raises(json.JSONDecodeError):  # the bench counts an unreadable final output as corrupt
         bench_faults.train_snapshot(run)
+
+
+def test_import_through_shard_manifest(tmp_path):
+    """The sharded DAG path (slides_per_job > 1): no tiling, per-slide features imported, manifest written."""
+    from modaltune.shards import run_shard
+
+    slide = _slide(tmp_path)
+    feats = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    write_trident(tmp_path / "trident" / "A.h5", feats, np.array([[0, 0], [512, 0], [0, 512], [512, 512]]))
+    emb = {"encoder": "tiny", "source": "import", "import_dir": str(tmp_path / "trident"), "import_format": "trident"}
+    table = run_shard([{"slide_id": "A", "path": slide, "mpp": None}, {"slide_id": "B", "path": slide, "mpp": None}],
+                      str(tmp_path / "m.tsv"), tiles_dir=str(tmp_path / "tiles"), features_dir=str(tmp_path / "f"),
+                      tiling={"patch_size": 256, "target_mpp": 0.5}, embedding=emb)
+    assert table.set_index("slide_id")["status"].to_dict() == {"A": "ok", "B": "failed"}  # B: no file to import
+    assert not (tmp_path / "tiles").exists()
+    np.testing.assert_array_equal(read_features(tmp_path / "f" / "A.h5")["features"], feats)
