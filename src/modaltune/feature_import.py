@@ -85,7 +85,7 @@ def check_import_dir(import_dir: str | os.PathLike | None, slide_ids: list[str],
     if not Path(import_dir).is_dir():
         raise InputError(f"config embedding.import_dir: folder {import_dir} does not exist; point it at the "
                          "folder of TRIDENT/CLAM/STAMP features files")
-    if slide_ids and not any(find_import_file(import_dir, s, p) for s, p in zip(slide_ids, slide_paths)):
+    if slide_ids and not any(find_import_file(import_dir, s, p) for s, p in zip(slide_ids, slide_paths, strict=True)):
         raise InputError(f"config embedding.import_dir: {import_dir} holds no features file for any slide of "
                          f"the sheet (looked for e.g. {slide_ids[0]}.h5); check the folder or the slide ids")
 
