@@ -170,15 +170,16 @@ def run_to_end(job) -> tuple[int, float]:
     return p.exitcode, time.perf_counter() - t0
 
 
-def run_and_kill(job, delay: float) -> bool:
-    """Start, SIGKILL after ``delay`` s; True when it was still running (a real kill)."""
+def run_and_kill(job, delay: float) -> tuple[bool, float]:
+    """Start, SIGKILL after ``delay`` s. (True when it was still running = a real kill, seconds elapsed)."""
+    t0 = time.perf_counter()
     p = start(job)
     p.join(timeout=delay)
     if p.exitcode is not None:
-        return False
+        return False, time.perf_counter() - t0
     os.kill(p.pid, signal.SIGKILL)
     p.join()
-    return True
+    return True, time.perf_counter() - t0
 
 
 def parts(folder: Path) -> list[str]:
@@ -284,13 +285,16 @@ def bench_stage(stage: str, trials: int, seed: int, work: Path) -> dict:
            "orphans_after_rerun": 0, "rerun_failed": 0, "identical": 0, "ref_wall_s": round(wall, 2)}
     # A trial counts when the SIGKILL hit a running job; a job that finished before its delay is still
     # checked (and rerun) but drawn again, so the table reports ``trials`` real kills.
-    t = 0
+    t, length = 0, wall
     while out["kills"] < trials and out["runs"] < 3 * trials:
         d = work / f"{stage}_{t:03d}"
         t += 1
         out["runs"] += 1
-        delay = float(rng.uniform(0.0, wall))
-        out["kills"] += run_and_kill(code(d), delay)
+        delay = float(rng.uniform(0.0, length))
+        killed, elapsed = run_and_kill(code(d), delay)
+        out["kills"] += killed
+        if not killed:  # it finished first: the machine got faster, draw later delays from its real length
+            length = min(length, elapsed)
         out["orphans_after_kill"] += bool(parts(d)) if d.exists() else 0
         try:
             s = snap(d)
