@@ -419,3 +419,32 @@ def test_import_through_shard_manifest(tmp_path):
     assert table.set_index("slide_id")["status"].to_dict() == {"A": "ok", "B": "failed"}  # B: no file to import
     assert not (tmp_path / "tiles").exists()
     np.testing.assert_array_equal(read_features(tmp_path / "f" / "A.h5")["features"], feats)
+
+
+@pytest.mark.slow
+def test_conch_v1_bundled_config_random_weights(tmp_path):
+    """The optional conch-fork backend end to end: CONCH v1 built offline from the JSON config the package
+    ships (ViT-B-16 CoCa), random weights saved as a checkpoint, loaded by text.encoder conch_v1 (~30 s)."""
+    pytest.importorskip("conch.open_clip_custom")
+    import gc
+    from types import SimpleNamespace
+
+    from conch.open_clip_custom import CoCa, get_tokenizer
+    from conch.open_clip_custom.factory import CFG_DIR
+
+    from modaltune.text import ConchTextEncoder, build_text_encoder
+
+    cfg = json.loads((Path(CFG_DIR) / "conch_ViT-B-16.json").read_text())
+    texts = ["Cancer location: breast;", "Diagnosis: invasive lobular carcinoma."]
+    torch.manual_seed(0)
+    ref = CoCa(**{k: v for k, v in cfg.items() if k != "custom_text"}).eval()
+    torch.save({"state_dict": {f"text.{k}": v for k, v in ref.text.state_dict().items()}}, tmp_path / "conch.pt")
+    with torch.no_grad():  # the encoder's own tokenisation, before it exists (one CoCa in memory at a time)
+        expected = ref.encode_text(ConchTextEncoder.tokenize(SimpleNamespace(tokenizer=get_tokenizer()), texts))
+    del ref
+    gc.collect()
+    enc = build_text_encoder("conch_v1", checkpoint=tmp_path / "conch.pt", device="cpu")  # bundled config
+    vecs = enc.encode(texts)
+    assert enc.dim == 512 and vecs.shape == (2, 512)
+    np.testing.assert_allclose(vecs, expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
