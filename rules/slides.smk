@@ -37,7 +37,7 @@ rule embed_patches:
         "../envs/embed.yaml"
     threads: 1
     resources:
-        gpu=0 if IMPORTING else 1,
+        gpu=1,
     params:
         embedding=embedding_params,
     script:
@@ -57,7 +57,7 @@ rule slide_shard:
         "../envs/embed.yaml"
     threads: 2
     resources:
-        gpu=0 if IMPORTING else 1,
+        gpu=1,
     params:
         slides=lambda wc: SHEETS[wc.cohort]
         .loc[shard_slides(wc.cohort, wc.shard), ["slide_id", "path", "mpp"]]
