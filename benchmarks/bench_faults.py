@@ -46,7 +46,7 @@ PATCH, N_PATIENTS, D, N_PATCH = 64, 24, 16, 30
 
 # ------------------------------------------------------------------------------------------- fixtures
 def make_slide(root: Path) -> dict:
-    """A synthetic 0.5 um/px pyramid with a tissue rectangle, tiled at 64 px (about 300 tiles)."""
+    """A synthetic 0.5 um/px pyramid with a tissue rectangle, tiled at 64 px (324 tiles)."""
     from modaltune.demo import write_pyramid_tiff
     from modaltune.tiling import tile_slide
 
