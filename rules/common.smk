@@ -181,3 +181,61 @@ DEMO_COHORTS = set(demo_cohorts(config))
 
 # Cohorts whose results the end-of-run summary reads.
 SUMMARY_COHORTS = list(dict.fromkeys(SITE_COHORTS + list(PANCANCER)))
+
+
+# Inputs/params of the embed stage (rules/slides.smk). embedding.source: import converts existing
+# TRIDENT/CLAM/STAMP features instead of tiling + embedding (modaltune.feature_import).
+from modaltune.feature_import import IMPORT_KEYS, check_import_dir, find_import_file
+
+IMPORTING = config["embedding"].get("source", "embed") == "import"
+if IMPORTING:
+    for _c in SITE_COHORTS:
+        check_import_dir(
+            config["embedding"].get("import_dir"),
+            list(SHEETS[_c].index),
+            SHEETS[_c]["path"].tolist(),
+        )
+
+
+def imported_file(cohort, slide):
+    path = SHEETS[cohort].at[slide, "path"]
+    found = find_import_file(config["embedding"]["import_dir"], slide, path)
+    return [] if found is None else [str(found)]
+
+
+def embed_inputs(wildcards):
+    if IMPORTING:
+        return {
+            "slide": slide_file(wildcards),
+            "imported": imported_file(wildcards.cohort, wildcards.slide),
+            "preflight": PREFLIGHT.format(cohort=wildcards.cohort),
+        }
+    return {
+        "tiles": f"{RESULTS}/{wildcards.cohort}/tiles/{wildcards.slide}.h5",
+        "slide": slide_file(wildcards),
+    }
+
+
+def embedding_params(wildcards):
+    # Embedding mode passes exactly the embedding block of before (no rerun of finished slides); import
+    # mode adds what the per-slide conversion needs (the slide's mpp override, the patch geometry).
+    emb = result_settings(config, "embedding")
+    if not IMPORTING:
+        return {k: v for k, v in emb.items() if k not in IMPORT_KEYS}
+    return dict(emb, import_mpp=slide_mpp(wildcards), import_tiling=import_tiling())
+
+
+def import_tiling():
+    return {k: config["tiling"][k] for k in ("patch_size", "target_mpp")}
+
+
+def shard_inputs(wildcards):
+    sheet = SHEETS[wildcards.cohort]
+    ids = shard_slides(wildcards.cohort, wildcards.shard)
+    out = {
+        "slides": sheet.loc[ids, "path"].tolist(),
+        "preflight": PREFLIGHT.format(cohort=wildcards.cohort),
+    }
+    if IMPORTING:
+        out["imported"] = [f for s in ids for f in imported_file(wildcards.cohort, s)]
+    return out

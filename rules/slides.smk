@@ -1,4 +1,6 @@
 # Per-slide stages: tissue detection + grid, then patch embedding (one job per slide).
+# embedding.source: import converts existing TRIDENT/CLAM/STAMP features instead (no tiling, no GPU;
+# helpers in rules/common.smk): the same outputs, so later rules do not change.
 
 
 rule tile:
@@ -27,8 +29,7 @@ rule tile:
 
 rule embed_patches:
     input:
-        tiles=rules.tile.output.h5,
-        slide=slide_file,
+        unpack(embed_inputs),
     output:
         h5=f"{RESULTS}/{{cohort}}/features/{{encoder}}/{{slide}}.h5",
     log:
@@ -43,17 +44,14 @@ rule embed_patches:
     resources:
         gpu=1,
     params:
-        embedding=result_settings(config, "embedding"),
+        embedding=embedding_params,
     script:
         "../workflow/scripts/embed_patches.py"
 
 
 rule slide_shard:
     input:
-        slides=lambda wc: SHEETS[wc.cohort]
-        .loc[shard_slides(wc.cohort, wc.shard), "path"]
-        .tolist(),
-        preflight=PREFLIGHT,
+        unpack(shard_inputs),
     output:
         manifest=f"{RESULTS}/{{cohort}}/features/{{encoder}}/shards/{{shard}}.tsv",
         # the shard's tiles + features; update(): kept when the job reruns, so it resumes per slide
@@ -74,6 +72,10 @@ rule slide_shard:
         .loc[shard_slides(wc.cohort, wc.shard), ["slide_id", "path", "mpp"]]
         .to_dict("records"),
         tiling=result_settings(config, "tiling"),
-        embedding=result_settings(config, "embedding"),
+        embedding=lambda wc: {
+            k: v
+            for k, v in result_settings(config, "embedding").items()
+            if IMPORTING or k not in IMPORT_KEYS
+        },
     script:
         "../workflow/scripts/slide_shard.py"

@@ -21,7 +21,7 @@ import numpy as np
 
 from modaltune import __version__
 from modaltune.errors import InputError
-from modaltune.io_utils import atomic_path
+from modaltune.io_utils import atomic_path, remove_orphans
 from modaltune.tables import attr_value, read_tiles_attrs
 
 if TYPE_CHECKING:
@@ -171,6 +171,9 @@ def embed_slide(tiles_h5: str | Path, out_h5: str | Path, *, encoder: str = "tin
     from modaltune.encoders.base import sha256_file
 
     tiles_h5, out_h5 = Path(tiles_h5), Path(out_h5)
+    # A job killed mid-write (SIGKILL, preemption) leaves its hidden .part file; this job owns the target
+    # (one job per slide), so it removes them even when the existing output turns out to be current.
+    remove_orphans(out_h5)
     encoder_kwargs = dict(encoder_kwargs or {})
     if feature_dtype not in ("float32", "float16"):
         raise InputError(f"feature_dtype {feature_dtype!r} must be 'float32' or 'float16'")

@@ -22,9 +22,10 @@ def run_shard(slides: list[dict], manifest: str, *, tiles_dir: str, features_dir
               tiling: dict, embedding: dict) -> pd.DataFrame:
     """Process ``slides`` (dicts with slide_id, path, mpp) and write a manifest TSV
     (slide_id, tiles_h5, features_h5, status, error)."""
-    from modaltune.embedding import embed_slide
+    from modaltune.feature_import import find_import_file, slide_features
     from modaltune.tiling import tile_slide
 
+    importing = embedding.get("source", "embed") == "import"
     rows = []
     for rec in slides:
         sid = rec["slide_id"]
@@ -32,10 +33,18 @@ def run_shard(slides: list[dict], manifest: str, *, tiles_dir: str, features_dir
         feats_h5 = Path(features_dir) / f"{sid}.h5"
         mpp = rec.get("mpp")
         mpp = None if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)) else float(mpp)
-        if not tiles_current(tiles_h5, tiling):
-            tile_slide(rec["path"], str(tiles_h5), slide_id=sid, mpp_override=mpp,
-                       qc_png=str(tiles_h5.with_suffix(".png")), **tiling)
-        out = embed_slide(str(tiles_h5), str(feats_h5), **embedding)
+        if importing:  # existing TRIDENT/CLAM/STAMP features: no tiling, no embedding
+            src = find_import_file(embedding["import_dir"], sid, rec["path"])
+            out = slide_features(str(feats_h5), embedding, imported=src and str(src), slide_path=rec["path"],
+                                 slide_id=sid, mpp=mpp, tiling=tiling)
+        else:
+            # The QC png is written before the tiles HDF5, but a png lost after an earlier failure (disk
+            # full) must still be redone: it is not an output the manifest check would notice.
+            qc_png = tiles_h5.with_suffix(".png")
+            if not (tiles_current(tiles_h5, tiling) and qc_png.is_file()):
+                tile_slide(rec["path"], str(tiles_h5), slide_id=sid, mpp_override=mpp, qc_png=str(qc_png),
+                           **tiling)
+            out = slide_features(str(feats_h5), embedding, tiles_h5=str(tiles_h5))
         # a slide skipped on resume reports what its stored record says (ok or failed)
         status = out.get("stored_status", out.get("status", "ok")) if out.get("status") == "skipped" else out.get("status", "ok")
         log.info("slide %s: %s", sid, status)

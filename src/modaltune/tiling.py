@@ -229,9 +229,11 @@ def tile_slide(slide_path: str, out_h5: str, *, slide_id: str | None = None, pat
         attrs.update(status="failed", error=str(e))
         coords, coords_t, frac = empty, empty, np.zeros(0, np.float32)
     attrs["n_tiles"] = int(len(coords))
-    _write_tiles_h5(out_h5, coords, coords_t, frac, attrs)
+    # The QC png first, the tiles HDF5 last: the HDF5 is what resume checks look at (shards.tiles_current),
+    # so a write that fails in between (disk full) leaves no HDF5 and the rerun redoes both.
     if qc_png:
         write_qc_png(qc_png, qc.get("thumb"), qc.get("mask"), coords, qc.get("scale"), attrs)
+    _write_tiles_h5(out_h5, coords, coords_t, frac, attrs)
     return {**{k: attrs[k] for k in ("status", "error", "n_tiles", "slide_id", "level0_mpp", "mpp_source",
                                       "read_level", "read_size", "level0_size")},
             "out_h5": os.fspath(out_h5), "qc_png": qc_png, "wall_s": time.perf_counter() - t0}
