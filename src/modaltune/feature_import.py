@@ -38,10 +38,11 @@ import h5py
 import numpy as np
 
 from modaltune import __version__
-from modaltune.embedding import _attr, _stale_reason, embed_slide
+from modaltune.embedding import _stale_reason, embed_slide
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path, remove_orphans
 from modaltune.slide_io import open_slide
+from modaltune.tables import attr_value
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,9 @@ def read_external(path: str | os.PathLike, fmt: str = "auto") -> dict[str, Any]:
                                  f"(file looks like {found}); set embedding.import_format to match the file")
         feats = np.asarray(f[fkey][()])
         coords = np.asarray(f["coords"][()])
-        cattrs = {k: _attr(v) for k, v in f["coords"].attrs.items()}
-        fattrs = {k: _attr(v) for k, v in f[fkey].attrs.items()}
-        rattrs = {k: _attr(v) for k, v in f.attrs.items()}
+        cattrs = {k: attr_value(v) for k, v in f["coords"].attrs.items()}
+        fattrs = {k: attr_value(v) for k, v in f[fkey].attrs.items()}
+        rattrs = {k: attr_value(v) for k, v in f.attrs.items()}
     src_encoder = fattrs.get("encoder") or rattrs.get("extractor") or rattrs.get("encoder")
     return {"path": path, "format": fmt, "features": feats, "coords": coords, "coords_attrs": cattrs,
             "features_attrs": fattrs, "root_attrs": rattrs, "source_encoder": None if src_encoder in (None, "None")
@@ -241,7 +242,7 @@ def import_slide_features(src_h5: str | os.PathLike | None, out_h5: str | os.Pat
     if out_h5.exists() and _stale_reason(out_h5, {**{k: base[k] for k in keys}, "import_sha256": sha}) is None:
         log.info("features %s: imported from the same file already; skipped", out_h5)
         with h5py.File(out_h5, "r") as f:
-            a = {k: _attr(v) for k, v in f.attrs.items()}
+            a = {k: attr_value(v) for k, v in f.attrs.items()}
         return {"status": "skipped", "stored_status": a.get("status"), "out_h5": str(out_h5), "slide": slide_id,
                 "encoder": encoder, "n_tiles": int(a.get("n_rows", 0)), "tiles_per_s": 0.0, "wall_s": 0.0,
                 "error": a.get("error", "")}
