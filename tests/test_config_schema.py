@@ -33,6 +33,14 @@ CODE = {
 def code_defaults(block: str) -> dict:
     module, name, not_config = CODE[block]
     obj = getattr(importlib.import_module(module), name)
+    if block == "embedding":  # the stage reads source/import_* itself and passes the rest to embed_slide
+        from modaltune.feature_import import IMPORT_DEFAULTS
+
+        return {**code_defaults_of(obj, not_config), **IMPORT_DEFAULTS}
+    return code_defaults_of(obj, not_config)
+
+
+def code_defaults_of(obj, not_config) -> dict:
     if isinstance(obj, dict):
         return {k: v for k, v in obj.items() if k not in not_config}
     params = inspect.signature(obj).parameters.values()

@@ -47,7 +47,9 @@ from modaltune.tables import attr_value
 log = logging.getLogger(__name__)
 
 FORMATS = ("trident", "clam", "stamp")
-IMPORT_KEYS = ("source", "import_dir", "import_format")  # embedding config keys read here, not by embed_slide
+# embedding config keys read here (with their defaults), not by embed_slide
+IMPORT_DEFAULTS = {"source": "embed", "import_dir": None, "import_format": "auto"}
+IMPORT_KEYS = tuple(IMPORT_DEFAULTS)
 GEOMETRY_RTOL = 0.05  # magnification-based tools round mpp (20x ~ 0.5 um/px); allow 5 %
 # Published encoder names that mean the same model as ours (lower case, only letters and digits).
 _ALIASES = {"provgigapath": {"gigapath", "provgigapath"}, "conchv15": {"conchv15", "conch15", "conchv1point5"}}
@@ -331,9 +333,9 @@ def slide_features(out_h5: str | os.PathLike, embedding: dict, *, tiles_h5: str 
                    mpp: float | None = None, tiling: dict | None = None) -> dict:
     """The embed stage of one slide: embed its tiles (``source: embed``) or import a file (``import``)."""
     emb = dict(embedding)
-    source = emb.pop("source", "embed")
+    source = emb.pop("source", IMPORT_DEFAULTS["source"])
     emb.pop("import_dir", None)
-    fmt = emb.pop("import_format", "auto")
+    fmt = emb.pop("import_format", IMPORT_DEFAULTS["import_format"])
     # set by the workflow in import mode (rules/slides.smk): the sheet's mpp override, the patch geometry
     mpp = emb.pop("import_mpp", mpp)
     tiling = emb.pop("import_tiling", tiling)
@@ -353,5 +355,5 @@ def slide_features(out_h5: str | os.PathLike, embedding: dict, *, tiles_h5: str 
                                  target_mpp=float(tiling.get("target_mpp", 0.5)))
 
 
-__all__ = ["FORMATS", "IMPORT_KEYS", "check_import_dir", "detect_format", "find_import_file",
+__all__ = ["FORMATS", "IMPORT_DEFAULTS", "IMPORT_KEYS", "check_import_dir", "detect_format", "find_import_file",
            "import_slide_features", "read_external", "slide_features", "to_level0"]
