@@ -43,7 +43,7 @@ from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path, file_sha256
 from modaltune.models import positional_grid
 from modaltune.runs import build_from_state, load_state, pick_device, restore_preprocessing, to_device
-from modaltune.tables import read_sheet, read_sheets, read_splits, read_table
+from modaltune.tables import read_sheets, read_splits, read_table
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def load_run_and_data(run_dir, *, cases, splits, fold: int, pathways_path, featu
     state = load_state(run_dir)
     train_cfg = state["train_cfg"]
     split = read_splits(splits, int(fold))
-    sheet_df = read_sheet(sheet)
+    sheet_df = read_sheets(sheet)
     if patient_ids is not None:
         wanted = set(map(str, patient_ids))
         unknown = sorted(wanted - set(split["patient_id"]))
