@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from modaltune import __version__
+from modaltune import __version__, devices
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path, remove_orphans
 from modaltune.tables import attr_value, read_tiles_attrs
@@ -39,31 +39,12 @@ _COPY_ROWS = 65536  # coords are copied in slices of this many rows
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; otherwise ``torch.device(device)``, checked."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"embedding device {device!r} requested but CUDA is not available on this machine; "
-                         "use device 'auto' or 'cpu'")
-    return dev
+    return devices.pick_device(device, key="embedding.device")
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = run in fp32. "auto": bf16 on CUDA when supported, else fp16; fp32 on CPU."""
-    import torch
-
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if precision not in table:
-        raise InputError(f"embedding precision {precision!r} is not one of auto, fp32, bf16, fp16")
-    return table[precision]
+    """None = run in fp32 (the one mixed-precision policy, modaltune.devices)."""
+    return devices.amp_settings(precision, device, key="embedding.precision")[0]
 
 
 class _TileDataset:

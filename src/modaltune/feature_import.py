@@ -25,7 +25,6 @@ pixels instead of its level-0 footprint is reported as coordinates in the wrong 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ import numpy as np
 from modaltune import __version__
 from modaltune.embedding import _stale_reason, embed_slide
 from modaltune.errors import InputError
-from modaltune.io_utils import atomic_path, remove_orphans
+from modaltune.io_utils import atomic_path, file_sha256, remove_orphans
 from modaltune.slide_io import open_slide
 from modaltune.tables import attr_value
 
@@ -54,14 +53,6 @@ GEOMETRY_RTOL = 0.05  # magnification-based tools round mpp (20x ~ 0.5 um/px); a
 # Published encoder names that mean the same model as ours (lower case, only letters and digits).
 _ALIASES = {"provgigapath": {"gigapath", "provgigapath"}, "conchv15": {"conchv15", "conch15", "conchv1point5"}}
 _HISTORIC_STAMP = (256.0, 224.0)  # um, px: coordinates of old STAMP files are in 224-px units of 256 um tiles
-
-
-def sha256_path(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_import_file(import_dir: str | os.PathLike, slide_id: str, slide_path: str | None = None) -> Path | None:
@@ -239,7 +230,7 @@ def import_slide_features(src_h5: str | os.PathLike | None, out_h5: str | os.Pat
         return _write(out_h5, np.zeros((0, dim), feature_dtype), np.zeros((0, 2), np.int64),
                       np.zeros((0, 2), np.int64), dict(base, status="failed", error=error, n_tiles=0,
                                                         import_path="", import_sha256="", import_format=""))
-    sha = sha256_path(src_h5)
+    sha = file_sha256(src_h5)
     keys = ("encoder", "encoder_kwargs", "feature_dtype", "patch_size", "target_mpp", "level0_mpp", "slide_path")
     if out_h5.exists() and _stale_reason(out_h5, {**{k: base[k] for k in keys}, "import_sha256": sha}) is None:
         log.info("features %s: imported from the same file already; skipped", out_h5)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from modaltune.io_utils import write_json
+from modaltune.io_utils import file_sha256, write_json
 
 PACKAGES = ("modaltune", "snakemake", "torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn",
             "scipy", "lifelines", "h5py", "openslide-python", "openslide-bin", "tifffile", "matplotlib",
@@ -35,14 +35,6 @@ def package_versions(names=PACKAGES) -> dict[str, str | None]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoints(config: dict, base_dir=".") -> list[dict]:
     """Every ``checkpoint`` entry of the config (any depth) with its sha256 when the file exists."""
     found = []
@@ -63,7 +55,7 @@ def checkpoints(config: dict, base_dir=".") -> list[dict]:
     for key, value in sorted(set(found)):
         p = Path(value) if Path(value).is_absolute() else Path(base_dir) / value
         out.append({"key": key, "path": value, "exists": p.is_file(),
-                    "sha256": _sha256(p) if p.is_file() else None})
+                    "sha256": file_sha256(p) if p.is_file() else None})
     return out
 
 

@@ -15,41 +15,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from modaltune import devices
 from modaltune.clinical import encode_covariates
 from modaltune.data import collate_patients
 from modaltune.errors import InputError
 from modaltune.gene_scaler import GeneScaler
 from modaltune.models import ModelDims, build_model
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
 
 # ----------------------------------------------------------------------------------------- device / AMP
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; otherwise ``torch.device(name)``, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available on this machine; "
-                         "set training.device to 'auto' or 'cpu'")
-    return dev
+    return devices.pick_device(name, key="training.device")
 
 
 def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler) for ``training.precision`` on ``device``.
-
-    fp32 everywhere on CPU. On CUDA: "bf16" -> bf16 autocast, no scaler; "fp16" -> fp16 autocast +
-    GradScaler (the authors' setting: ``torch.cuda.amp`` fp16 with a GradScaler); "auto" -> bf16 where
-    the GPU supports it, else the fp16 preset; "fp32" -> no autocast.
-    """
-    if precision not in PRECISIONS:
-        raise InputError(f"training.precision={precision!r}: use one of {list(PRECISIONS)}")
-    if device.type != "cuda" or precision == "fp32":
-        return None, False
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
+    """(autocast dtype or None, use GradScaler) for ``training.precision`` (modaltune.devices)."""
+    return devices.amp_settings(precision, device, key="training.precision")
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

@@ -23,11 +23,10 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from modaltune.errors import InputError
-from modaltune.io_utils import atomic_path
+from modaltune.io_utils import atomic_path, file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CHUNK = 1 << 20  # 1 MiB: hashing multi-GB checkpoints without loading them into memory
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -59,11 +58,7 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
         digest = cache.read_text().strip()
         if len(digest) == 64:
             return digest
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = file_sha256(path)
     if cache is not None:
         with contextlib.suppress(OSError):  # a read-only home only costs the re-hash next time
             with atomic_path(cache) as tmp:

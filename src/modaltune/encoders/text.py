@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modaltune.devices import pick_device
 from modaltune.errors import InputError
 
 _TEXT_ENCODERS: dict[str, type] = {}
@@ -42,11 +43,8 @@ def build_text_encoder(name: str, checkpoint=None, device: str = "auto", **kwarg
 
 
 def resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    """The text encoder's device as a string (the one picker: modaltune.devices)."""
+    return str(pick_device(device, key="text.device"))
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
