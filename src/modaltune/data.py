@@ -260,7 +260,9 @@ class PatientDataset(Dataset):
         self.grid_tile = int(grid_tile)
         self.epoch = 0
 
-        sheet_df = read_sheet(sheet)
+        # No sheet (a cohort of RNA + clinical only): nobody has slides; only models without slides run on it.
+        no_sheet = sheet is None or (isinstance(sheet, (list, tuple)) and not sheet)
+        sheet_df = pd.DataFrame({"slide_id": [], "patient_id": []}) if no_sheet else read_sheet(sheet)
         fmap = feature_map(feature_files)
         self.slides: dict[str, list[str]] = {p: [] for p in ids}
         for sid, pid in zip(sheet_df["slide_id"], sheet_df["patient_id"], strict=True):

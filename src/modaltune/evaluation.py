@@ -268,7 +268,14 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
     patient_id, partition, embedding).
     """
     from modaltune.data import PatientDataset, load_gene_table, read_cases, read_splits
-    from modaltune.training import build_from_state, file_sha256, fit_fold_preprocessing, grid_of, pick_device
+    from modaltune.training import (
+        build_from_state,
+        drops_slideless,
+        file_sha256,
+        fit_fold_preprocessing,
+        grid_of,
+        pick_device,
+    )
 
     probe_cfg = dict(probe_cfg or {})
     state = load_state(run_dir)
@@ -307,7 +314,7 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
         coords_space=train_cfg.get("coords_space", "target"), slide_gap=train_cfg.get("slide_gap", 1500),
         max_patches=probe_cfg.get("max_patches"), seed=seed, train=False,
         subsample_eval=probe_cfg.get("max_patches") is not None, grid_ngrids=ngrids, grid_tile=tile,
-        gene_table=gene_table, drop_without_slides=bool(train_cfg.get("drop_patients_without_slides", True)),
+        gene_table=gene_table, drop_without_slides=drops_slideless(train_cfg, model_cfg, state["model_name"], feature_files),
     )
     if cov_state is not None and ds.clinical.shape[1] != state["dims"]["clinical_dim"]:
         raise InputError(f"cases {cases_path}: clinical covariates have {ds.clinical.shape[1]} columns, the "

@@ -23,6 +23,7 @@ import torch
 
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path
+from modaltune.models.registry import needs_slides
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ TRAIN_DEFAULTS = {
     # Patients whose slides all failed: left out of training, probes and test for every model alike, since
     # slide-encoder models cannot embed an empty bag and comparisons must stay paired.
     "drop_patients_without_slides": True,
+    # True: that rule applies only to models that read slides; RNA/clinical-only models keep those patients.
+    "keep_slideless_for_non_slide_models": False,
 }
 
 # Test hook: raise after this many finished epochs (the resume file is already written), to simulate a kill.
@@ -165,6 +168,20 @@ def grid_of(model_cfg: dict) -> tuple[int | None, int]:
     if ngrids is None and model_cfg.get("arch") in SLIDE_ENCODER_ARCHS:
         ngrids = 1000  # Prov-GigaPath default (paper_config)
     return (None if ngrids is None else int(ngrids)), int(tile)
+
+
+def drops_slideless(cfg: dict, model_cfg: dict, model_name: str, feature_files) -> bool:
+    """Whether patients without a usable slide are left out of this run.
+
+    Models that read slides always drop them (an empty bag cannot be embedded). Models that read none keep
+    them when ``keep_slideless_for_non_slide_models`` is set, or when the cohort has no slides at all
+    (RNA + clinical only: dropping would leave nobody).
+    """
+    if not cfg.get("drop_patients_without_slides", True):
+        return False
+    if needs_slides(model_cfg.get("arch", model_name), model_cfg):
+        return True
+    return not cfg.get("keep_slideless_for_non_slide_models", False) and bool(list(feature_files))
 
 
 def _objective(model, model_cfg: dict) -> str:
@@ -334,7 +351,8 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
     common = dict(feature_files=feature_files, sheet=sheet, pathways_path=pathways_path, text_h5=text_h5,
                   gene_scaler=gene_scaler, covariate_state=cov_state, coords_space=cfg["coords_space"],
                   slide_gap=cfg["slide_gap"], seed=int(seed), grid_ngrids=ngrids, grid_tile=tile,
-                  gene_table=gene_table, drop_without_slides=bool(cfg["drop_patients_without_slides"]))
+                  gene_table=gene_table,
+                  drop_without_slides=drops_slideless(cfg, model_cfg, model_name, feature_files))
     ds_train = PatientDataset(cases, split, fold, ["train"], max_patches=cfg["max_patches"], train=True, **common)
     ds_probe = PatientDataset(cases, split, fold, ["train"], max_patches=None, train=False, **common)
     ds_val = PatientDataset(cases, split, fold, ["val"], max_patches=None, train=False, **common)
@@ -461,5 +479,5 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
             "best_score": best["score"], "epochs": epochs, "history": history}
 
 
-__all__ = ["TRAIN_DEFAULTS", "build_from_state", "fit_fold_preprocessing", "lr_factor", "train_run",
+__all__ = ["TRAIN_DEFAULTS", "build_from_state", "drops_slideless", "fit_fold_preprocessing", "lr_factor", "train_run",
            "trainable_state"]
