@@ -125,7 +125,8 @@ def training_inputs(wildcards):
         "splits": f"{RESULTS}/{c}/splits/{SCHEME}.parquet",
         "pathways": f"{RESULTS}/{c}/genomics/pathways.parquet",
     }
-    if model_needs_text(config, wildcards.model):  # only text_kl models read text targets
+    # Only models trained with the text_kl objective read the fold's text targets.
+    if model_needs_text(config, wildcards.model):
         inputs["text"] = f"{RESULTS}/{c}/text/fold_{wildcards.fold}.h5"
     return inputs
 

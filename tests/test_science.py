@@ -439,7 +439,15 @@ def probe_cis(c: dict, run_dir: Path, metrics: dict, n_boot: int = 1000, level: 
 
 @pytest.fixture(scope="module")
 def control_cohort(tmp_path_factory):
-    return make_cohort(tmp_path_factory.mktemp("control"), n_patients=150, signal=1.0)
+    """make_cohort with 30 test patients and a survival signal strong enough to be found at that size:
+    make_cohort ties the hazard to the label with HR e (C-index ~0.62 for a perfect label, too weak for
+    30 patients), so times are redrawn with HR e**2.5 between the classes (C ~0.7)."""
+    c = make_cohort(tmp_path_factory.mktemp("control"), n_patients=150, signal=1.0)
+    cases = pd.read_parquet(c["cases_path"])
+    rng = np.random.default_rng(7)
+    cases["survival_months"] = rng.exponential(30 * np.exp(-2.5 * c["labels"]))
+    cases.to_parquet(c["cases_path"], index=False)
+    return c
 
 
 def _train_and_cis(c, root, monkeypatch, level):
@@ -451,7 +459,7 @@ def _train_and_cis(c, root, monkeypatch, level):
     out = {}
     for name, cfg in models.items():
         run = root / name
-        train_run(**_run_args(c, run, cfg))
+        train_run(**_run_args(c, run, cfg, train_cfg={"epochs": 2}))
         m = _evaluate(c, run, cases_path=c["cases_path"])
         out[name] = (m, probe_cis(c, run, m, level=level))
     return out
@@ -471,16 +479,21 @@ def test_shuffled_labels_and_survival_give_chance_metrics(control_cohort, tmp_pa
             assert lo < 0.5 < hi, f"{name} {key}: {m[key]:.3f} CI [{lo:.3f}, {hi:.3f}] excludes chance"
 
 
+# Models trained for a task (or, ModalTune, on text naming the diagnosis and survival) must find its signal;
+# the others' embeddings need not keep it (an RNA survival model's probe may miss the subtype).
+SHOULD_FIND = {"subtype_bacc": ("abmil", "gene_mixer", "modaltune"), "survival_cindex": ("snn", "late_fusion")}
+
+
 @pytest.mark.slow
 def test_planted_signal_is_found(control_cohort, tmp_path, monkeypatch):
-    """Positive control of the test above on the same cohort unshuffled: the subtype signal planted in both
-    patches and genes is found by every model (CI above chance); survival (tied to the label through a noisy
-    risk) by the supervised survival models."""
+    """Positive control of the test above, on the same cohort unshuffled: the planted signal is found (CI
+    lower bound above chance, same interval level) by the models that should find it (SHOULD_FIND)."""
     res = _train_and_cis(control_cohort, tmp_path, monkeypatch, FAMILY_LEVEL)
-    for name, (m, ci) in res.items():
-        assert ci["subtype_bacc"][0] > 0.5, f"{name}: {m['subtype_bacc']:.3f} CI {ci['subtype_bacc']}"
-    assert max(ci["survival_cindex"][0] for _, ci in res.values()) > 0.5, {
-        n: ci["survival_cindex"] for n, (_, ci) in res.items()}
+    found = {n: {k: (round(m[k], 3), [round(v, 3) for v in ci[k]]) for k in ci} for n, (m, ci) in res.items()}
+    for name in SHOULD_FIND["subtype_bacc"]:
+        assert res[name][1]["subtype_bacc"][0] > 0.5, found
+    for name in SHOULD_FIND["survival_cindex"]:
+        assert res[name][1]["survival_cindex"][0] > 0.5, found
 
 
 # ---------------------------------------------------------------------------------------------- determinism
