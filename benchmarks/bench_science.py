@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     df = collect(args.workdir)
     table, tests = paired_tests(df)
     header = (f"Complementary-signal science check: {df['model'].nunique()} models, "
-              f"{df.groupby('model').size().max()} (seed, fold) runs each, "
+              f"{df.groupby('model').size().min()}-{df.groupby('model').size().max()} (seed, fold) runs per model "
+              f"(tests use the pairs both models have), "
               f"{int(df['n_test'].median())} test patients per fold (median)"
               + (f"; workflow wall time {wall / 60:.1f} min" if wall else ""))
     text = render(table, tests, header)

@@ -90,7 +90,15 @@ def test_text_targets_only_for_text_kl_models(tmp_path, models, text_jobs):
 
 def _sheetless_cohort(root: Path) -> dict:
     """RNA, gene sets and clinical files of the demo generator (formats as TCGA), without sheet or slides."""
-    from modaltune.demo import _clinical, _expression, _gene_sets, _layout, _write_gmt, _write_tsv, _write_xena
+    from modaltune.demo import (
+        _clinical,
+        _expression,
+        _gene_sets,
+        _layout,
+        _write_gmt,
+        _write_tsv,
+        _write_xena,
+    )
 
     layout = _layout(40, 0)
     paths = {"rna": root / "rna.gz", "gene_sets": root / "sets.gmt", "clinical": root / "clinical.tsv"}
