@@ -10,7 +10,9 @@ from modaltune.settings import result_settings
 from modaltune.workflow import (
     cohort_inputs,
     demo_cohorts,
+    fold_ids,
     load_sheet,
+    model_needs_text,
     pancancer_members,
     site_cohorts,
     target_cohorts,
@@ -23,8 +25,7 @@ ENCODER = config["embedding"]["encoder"]
 SCHEME = config["splits"]["scheme"]
 SEEDS = [int(s) for s in config["seeds"]]
 MODELS = target_models(config)
-N_FOLDS = 1 if SCHEME == "fixed" else int(config["splits"]["n_folds"])
-FOLDS = list(range(N_FOLDS))
+FOLDS = fold_ids(config)
 
 SITE_COHORTS = site_cohorts(config)
 PANCANCER = {
@@ -95,7 +96,19 @@ def feature_files(cohort):
 
 
 def sheet_files(cohort):
-    return [INPUTS[c]["sheet"] for c in member_cohorts(cohort)]
+    return [INPUTS[c]["sheet"] for c in member_cohorts(cohort) if "sheet" in INPUTS[c]]
+
+
+def optional_input(key):
+    """Input function: a cohort file that a cohort without slides lacks (sheet, biospecimen) -> []."""
+    return lambda wc: INPUTS[wc.cohort].get(key, [])
+
+
+def sheet_patients(wildcards):
+    """RNA is read for the sheet's patients; a cohort without a sheet keeps every RNA sample (None)."""
+    if "sheet" not in INPUTS[wildcards.cohort]:
+        return None
+    return sorted(set(SHEETS[wildcards.cohort]["patient_id"]))
 
 
 # One training run = one (cohort, model, seed, fold).
@@ -109,14 +122,17 @@ def run_files(cohort, name):
 
 def training_inputs(wildcards):
     c = wildcards.cohort
-    return {
+    inputs = {
         "features": feature_files(c),
         "sheets": sheet_files(c),
         "cases": f"{RESULTS}/{c}/clinical/cases.parquet",
         "splits": f"{RESULTS}/{c}/splits/{SCHEME}.parquet",
         "pathways": f"{RESULTS}/{c}/genomics/pathways.parquet",
-        "text": f"{RESULTS}/{c}/text/fold_{wildcards.fold}.h5",
     }
+    # Only models trained with the text_kl objective read the fold's text targets.
+    if model_needs_text(config, wildcards.model):
+        inputs["text"] = f"{RESULTS}/{c}/text/fold_{wildcards.fold}.h5"
+    return inputs
 
 
 def eval_data_inputs(wildcards):

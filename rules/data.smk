@@ -19,7 +19,7 @@ rule rna_pathways:
         "../envs/genomics.yaml"
     params:
         genomics=result_settings(config, "genomics"),
-        patients=lambda wc: sorted(set(SHEETS[wc.cohort]["patient_id"])),
+        patients=sheet_patients,
     script:
         "../workflow/scripts/rna_pathways.py"
 
@@ -27,8 +27,8 @@ rule rna_pathways:
 rule clinical_table:
     input:
         clinical=lambda wc: INPUTS[wc.cohort]["clinical"],
-        biospecimen=lambda wc: INPUTS[wc.cohort]["biospecimen"],
-        sheet=lambda wc: INPUTS[wc.cohort]["sheet"],
+        biospecimen=optional_input("biospecimen"),
+        sheet=optional_input("sheet"),
         rna=rules.rna_pathways.output.parquet,
         preflight=PREFLIGHT,
     output:
@@ -52,7 +52,7 @@ rule clinical_table:
 rule splits:
     input:
         cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
-        sheet=lambda wc: INPUTS[wc.cohort]["sheet"],
+        sheet=optional_input("sheet"),
         imports=split_import_inputs,
     output:
         parquet=f"{RESULTS}/{{cohort}}/splits/{{scheme}}.parquet",

@@ -169,7 +169,9 @@ class CohortData:
         self.partition = dict(zip(split["patient_id"], split["partition"], strict=True))
         ids = split["patient_id"].tolist()
 
-        sheet_df = read_sheets(sheet)
+        # No sheet (a cohort of RNA + clinical only): nobody has slides; only models without slides run on it.
+        no_sheet = sheet is None or (isinstance(sheet, (list, tuple)) and not sheet)
+        sheet_df = pd.DataFrame({"slide_id": [], "patient_id": []}) if no_sheet else read_sheets(sheet)
         fmap = feature_map(feature_files)
         self.slides: dict[str, list[str]] = {p: [] for p in ids}
         for sid, pid in zip(sheet_df["slide_id"], sheet_df["patient_id"], strict=True):

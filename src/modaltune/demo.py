@@ -158,6 +158,94 @@ def _censoring_rate(hazard: np.ndarray, fraction: float) -> float:
     return float(np.sqrt(lo * hi))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Complementary signal (``signal="complementary"``): a science check that multimodal models can beat every
+# single modality. Two independent latents per patient, s (slides only) and g (RNA pathways only):
+#   class = 1[s + g > 0],   hazard per day = H0 * exp(B_COMPLEMENT * (s + g) / sqrt(2)).
+# Knowing s alone predicts the class with at most 75 % accuracy (P(sign s = sign(s + g)) = 3/4 for
+# independent standard normals), likewise g alone, both together up to 100 %; for the hazard each latent
+# explains half of the linear predictor's variance. s sets the nuclear phenotype (interpolated between the
+# two class phenotypes, with half the redundant demo's per-patient spread so it stays readable); g moves
+# the class pathways, CDH1 and the proliferation pathway; clinical stage carries no signal (drawn from
+# noise), so clinical covariates cannot stand in for either modality. The cohort layout (patients, slides,
+# missing RNA, out-of-task diagnoses) is that of the redundant demo with the same seed.
+_NS_COMPLEMENT = 6
+B_COMPLEMENT = 1.2
+_COMPLEMENT_SPREAD = 0.5
+_COMPLEMENT_COLUMNS = ("slide_signal", "pathway_signal")
+SIGNAL_MODES = ("redundant", "complementary")
+
+
+def _signal_mode(signal: str) -> str:
+    if signal not in SIGNAL_MODES:
+        raise InputError(f"demo cohort: signal={signal!r} is not one of {list(SIGNAL_MODES)}")
+    return signal
+
+
+def complementary_layout(n_patients: int, seed: int) -> pd.DataFrame:
+    """``_layout`` with class, risk and survival redrawn from a slide latent and a pathway latent."""
+    df = _layout(n_patients, seed)
+    n = len(df)
+    rng = np.random.default_rng([int(seed), _NS_COMPLEMENT])
+    s, g = rng.standard_normal(n), rng.standard_normal(n)
+    stage_noise = rng.standard_normal(n)
+    cls = (s + g > 0).astype(int)
+    risk = (s + g) / np.sqrt(2.0)
+    in_task = df["label"] >= 0
+    df["class"] = cls
+    df["label"] = np.where(in_task, cls, -1)
+    df["primary_diagnosis"] = np.where(in_task, [DIAGNOSIS[c] for c in cls], OUT_OF_TASK_DIAGNOSIS)
+    df["risk"] = risk
+    df["slide_signal"], df["pathway_signal"], df["_stage_noise"] = s, g, stage_noise
+    hazard = H0_PER_DAY * np.exp(B_COMPLEMENT * risk)
+    t_event = rng.exponential(1.0 / hazard)
+    t_censor = rng.exponential(1.0 / _censoring_rate(hazard, CENSOR_FRACTION), size=n)
+    df["time_days"] = np.maximum(1, np.rint(np.minimum(t_event, t_censor))).astype(int)
+    df["event"] = (t_event <= t_censor).astype(int)
+    return df
+
+
+def _slide_view(layout: pd.DataFrame) -> list:
+    """What the slide renderer sees per patient: the class (int), or the slide latent as a float position
+    on the class-0 -> class-1 phenotype axis (s = -1 / +1 give the two class means)."""
+    if "slide_signal" not in layout:
+        return [int(c) for c in layout["class"]]
+    return [float(np.clip(0.5 + 0.5 * v, -1.0, 2.0)) for v in layout["slide_signal"]]
+
+
+def _rna_view(layout: pd.DataFrame) -> pd.DataFrame:
+    """What the RNA generator sees: class (+-1 sign = 2 * class - 1) and risk; the pathway latent g for both
+    in the complementary demo, so RNA carries g and nothing of s."""
+    if "pathway_signal" not in layout:
+        return layout
+    g = layout["pathway_signal"].to_numpy(float)
+    return layout.assign(**{"class": (g + 1.0) / 2.0, "risk": g})
+
+
+def _clinical_view(layout: pd.DataFrame) -> pd.DataFrame:
+    """What the clinical tables see: stage follows ``risk``; in the complementary demo it follows noise."""
+    if "_stage_noise" not in layout:
+        return layout
+    return layout.assign(risk=layout["_stage_noise"])
+
+
+def _phenotype_at(t: float, rng: np.random.Generator) -> dict:
+    """Nuclear phenotype at position ``t`` between the class-0 (t=0) and class-1 (t=1) means."""
+    def lerp(table):
+        return table[0] + t * (table[1] - table[0])
+
+    k = _COMPLEMENT_SPREAD
+    return {
+        "spacing": lerp(_NUC_SPACING) * float(np.exp(rng.normal(0, 0.17 * k))),
+        "radius": lerp(_NUC_RADIUS) * float(np.exp(rng.normal(0, 0.12 * k))),
+        "nuc_h": lerp(_NUC_H) * float(np.exp(rng.normal(0, 0.10 * k))),
+        "stroma_h": max(0.0, lerp(_STROMA_H) + float(rng.normal(0, 0.03 * k))),
+        "stroma_e": lerp(_STROMA_E) * float(np.exp(rng.normal(0, 0.15 * k))),
+        "stain_h": float(np.exp(rng.normal(0, 0.10))),
+        "stain_e": float(np.exp(rng.normal(0, 0.10))),
+    }
+
+
 def _slide_ids(layout: pd.DataFrame) -> list[tuple[str, str, int]]:
     """(slide_id, patient_id, slide number) in sheet order."""
     out = []
@@ -202,6 +290,8 @@ _STROMA_E = {0: 0.40, 1: 0.38}
 
 def _patient_phenotype(cls: int, rng: np.random.Generator) -> dict:
     """Class means with per-patient variation wide enough that no single number separates the classes."""
+    if isinstance(cls, float):  # complementary demo: a continuous slide signal, see _phenotype_at
+        return _phenotype_at(cls, rng)
     return {
         "spacing": _NUC_SPACING[cls] * float(np.exp(rng.normal(0, 0.17))),
         "radius": _NUC_RADIUS[cls] * float(np.exp(rng.normal(0, 0.12))),
@@ -477,7 +567,7 @@ def _expression(layout: pd.DataFrame, seed: int) -> pd.DataFrame:
         z = rng.standard_normal(n_g)
         for members in sets.values():  # co-expression: one latent factor per pathway
             z[members] += 0.5 * rng.standard_normal()
-        sign = 1.0 if cls == 1 else -1.0
+        sign = 2.0 * float(cls) - 1.0  # +-1 for a class; the pathway signal in the complementary demo
         z[sets[SIGNAL_CLASS_UP]] += 0.6 * sign
         z[sets[SIGNAL_CLASS_DOWN]] -= 0.6 * sign
         z[g_index[SIGNAL_GENE]] -= 1.2 * sign
@@ -613,7 +703,8 @@ DEMO_FILES = {
 
 
 def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size: tuple[int, int] = (4096, 3072),
-                     workers: int | None = None, planted_fraction: float = PLANT_FRACTION) -> dict[str, Path]:
+                     workers: int | None = None, planted_fraction: float = PLANT_FRACTION,
+                     signal: str = "redundant") -> dict[str, Path]:
     """Write the demo cohort under ``out_dir``; return the paths (keys of ``DEMO_FILES``, plus
     slides_dir, truth, truth_regions).
 
@@ -622,25 +713,28 @@ def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size
     ``planted_fraction``: share of class-1 patients whose first slide carries the class look only in a
     planted box (``truth_regions.tsv``: slide_id, patient_id, x0, y0, x1, y1 in level-0 px, x1/y1
     exclusive); 0 plants nothing.
+    ``signal``: "redundant" (default: class in slides and RNA alike) or "complementary" (see
+    ``complementary_layout``: class and hazard need the slide signal and the pathway signal together).
     """
     out = Path(out_dir)
-    layout = _layout(n_patients, seed)
+    layout = _layout(n_patients, seed) if _signal_mode(signal) == "redundant" else complementary_layout(n_patients, seed)
     sheet = demo_sheet(n_patients, seed)
     paths = {k: out / v for k, v in DEMO_FILES.items()}
     paths.update(slides_dir=out / "slides", truth=out / "truth.tsv", truth_regions=out / "truth_regions.tsv")
     paths["slides_dir"].mkdir(parents=True, exist_ok=True)
 
     # Tables first (milliseconds), slides last (seconds): a killed run still leaves usable tables.
-    _write_xena(paths["rna"], _expression(layout, seed))
+    _write_xena(paths["rna"], _expression(_rna_view(layout), seed))
     _write_gmt(paths["gene_sets"], _gene_sets())
-    clinical, slides = _clinical(layout, seed)
+    clinical, slides = _clinical(_clinical_view(layout), seed)
     _write_tsv(paths["clinical"], clinical)
     _write_tsv(paths["biospecimen"], slides)
     _write_tsv(paths["truth"], layout[["patient_id", "class", "risk", "time_days", "event", "label",
-                                       "primary_diagnosis", "has_rna", "n_slides"]].round({"risk": 6}))
+                                       "primary_diagnosis", "has_rna", "n_slides",
+                                       *[c for c in _COMPLEMENT_COLUMNS if c in layout]]].round({"risk": 6, **{c: 6 for c in _COMPLEMENT_COLUMNS}}))
 
     pidx = {p: i for i, p in enumerate(layout["patient_id"])}
-    cls = dict(zip(layout["patient_id"], layout["class"], strict=True))
+    cls = dict(zip(layout["patient_id"], _slide_view(layout), strict=True))
     planted = set(planted_slides(layout, seed, planted_fraction))
     jobs, regions = [], []
     for row in sheet.itertuples():

@@ -45,6 +45,7 @@ from modaltune.probes import (
 )
 from modaltune.runs import (
     build_from_state,
+    drops_slideless,
     embed_dataset,
     fit_fold_preprocessing,
     headline_tokens,
@@ -146,7 +147,7 @@ def evaluate_run(*, run_dir, cases_path, splits_path, fold: int, pathways_path, 
         gene_table = (df, list(state["gene_names"]), state["dims"]["pathway_groups"])
     data = CohortData(cases_path, splits_path, fold, feature_files=feature_files, sheet=sheet,
                       gene_table=gene_table,
-                      drop_without_slides=bool(train_cfg.get("drop_patients_without_slides", True)),
+                      drop_without_slides=drops_slideless(train_cfg, model_cfg, state["model_name"], feature_files),
                       require_rna=bool(train_cfg.get("require_rna", False)))
     cases = data.cases
     if ood:

@@ -20,7 +20,7 @@ from modaltune.clinical import encode_covariates
 from modaltune.data import collate_patients
 from modaltune.errors import InputError
 from modaltune.gene_scaler import GeneScaler
-from modaltune.models import ModelDims, build_model
+from modaltune.models import ModelDims, build_model, needs_slides
 
 
 # ----------------------------------------------------------------------------------------- device / AMP
@@ -31,6 +31,20 @@ def pick_device(name: str = "auto") -> torch.device:
 def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use GradScaler) for ``training.precision`` (modaltune.devices)."""
     return devices.amp_settings(precision, device, key="training.precision")
+
+
+def drops_slideless(cfg: dict, model_cfg: dict, model_name: str, feature_files) -> bool:
+    """Whether patients without a usable slide are left out of this run.
+
+    Models that read slides always drop them (an empty bag cannot be embedded). Models that read none keep
+    them when ``keep_slideless_for_non_slide_models`` is set, or when the cohort has no slides at all
+    (RNA + clinical only: dropping would leave nobody).
+    """
+    if not cfg.get("drop_patients_without_slides", True):
+        return False
+    if needs_slides(model_cfg.get("arch", model_name), model_cfg):
+        return True
+    return not cfg.get("keep_slideless_for_non_slide_models", False) and bool(list(feature_files))
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

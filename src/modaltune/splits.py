@@ -203,6 +203,23 @@ def import_split_files(import_path) -> list[str]:
     return [str(f) for f in _import_files(import_path)]
 
 
+def import_fold_ids(import_path) -> list[int]:
+    """Fold numbers an import will produce, from the file names alone (DAG time: nothing is parsed).
+
+    ModalTune JSONs ({train|val|test}_*.json) are one split (fold 0); CLAM/SurvPath CSVs give fold k for
+    splits_{k}.csv, otherwise their position in the list (as ``make_splits`` numbers them).
+    """
+    files = _import_files(import_path)
+    csvs = [f for f in files if f.suffix.lower() == ".csv"]
+    folds = set()
+    for k, f in enumerate(csvs):
+        m = _CSV_FOLD.search(f.name)
+        folds.add(int(m.group(1)) if m else k)
+    if len(csvs) < len(files):
+        folds.add(0)
+    return sorted(folds)
+
+
 def _entries_from_json(path: Path, id_type: str) -> list[tuple[int, str, str, str]]:
     """(fold, partition, id, kind) from a ModalTune JSON (bare NaN tokens are valid for Python's json)."""
     m = _JSON_NAME.match(path.name)

@@ -32,6 +32,7 @@ from modaltune.probes import class_metrics, harrell_c, mean_or_none, probe_sites
 from modaltune.runs import (
     amp_settings,
     build_seeded,
+    drops_slideless,
     embed_dataset,
     fit_fold_preprocessing,
     load_trainable,
@@ -64,6 +65,9 @@ TRAIN_DEFAULTS = {
     # The paper: patients without RNA are dropped (for every model alike); false keeps them with the
     # missing-RNA token.
     "require_rna": False,
+    # True: dropping patients without a usable slide applies only to models that read slides;
+    # RNA/clinical-only models keep those patients (docs/METRICS.md: compare on the common test patients).
+    "keep_slideless_for_non_slide_models": False,
 }
 
 SCHEDULES = ("ours", "reference")
@@ -311,7 +315,7 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
 
     data = CohortData(cases_path, splits_path, fold, feature_files=feature_files, sheet=sheet,
                       pathways_path=pathways_path, text_h5=text_h5,
-                      drop_without_slides=bool(cfg["drop_patients_without_slides"]),
+                      drop_without_slides=drops_slideless(cfg, model_cfg, model_name, feature_files),
                       require_rna=bool(cfg["require_rna"]))
     cases, gene_table = data.cases, data.gene_table
     fit_ids = data.fit_ids()

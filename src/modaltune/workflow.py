@@ -16,9 +16,12 @@ import pandas as pd
 
 from modaltune.demo import DEMO_FILES
 from modaltune.errors import InputError
+from modaltune.models.registry import needs_slides, needs_text
+from modaltune.splits import import_fold_ids
 from modaltune.tables import check_sheet, read_sheet
 
 COHORT_INPUTS = tuple(DEMO_FILES)  # input files of a real cohort, named like the demo's
+SLIDE_FILES = ("sheet", "biospecimen")  # optional: a cohort of RNA + clinical only has neither
 
 
 def target_cohorts(config: dict) -> list[str]:
@@ -40,7 +43,29 @@ def target_models(config: dict) -> list[str]:
     unknown = [n for n in names if n not in config["models"]]
     if unknown:
         raise InputError(f"config run.models: {unknown} have no block under models:")
+    check_models_fit_cohorts(config, names)
     return names
+
+
+def fold_ids(config: dict) -> list[int]:
+    """Folds the split scheme makes: fixed -> [0]; kfold -> 0..n_folds-1; import -> read from the files."""
+    splits = config["splits"]
+    if splits["scheme"] == "fixed":
+        return [0]
+    if splits["scheme"] == "import":
+        return import_fold_ids(splits.get("import_path"))
+    return list(range(int(splits["n_folds"])))
+
+
+def model_needs_text(config: dict, model: str) -> bool:
+    """Only models trained with the text_kl objective read the fold's text targets."""
+    blk = config["models"][model]
+    return needs_text(blk.get("arch", model), blk)
+
+
+def model_needs_slides(config: dict, model: str) -> bool:
+    blk = config["models"][model]
+    return needs_slides(blk.get("arch", model), blk)
 
 
 def site_cohorts(config: dict) -> list[str]:
@@ -83,13 +108,35 @@ def cohort_inputs(config: dict, cohort: str) -> dict[str, str]:
     if blk.get("demo"):
         base = demo_dir(config, cohort)
         return {k: f"{base}/{v}" for k, v in DEMO_FILES.items()}
-    missing = [k for k in COHORT_INPUTS if not blk.get(k)]
+    missing = [k for k in COHORT_INPUTS if not blk.get(k) and k not in SLIDE_FILES]
     if missing:
         raise InputError(
             f"config cohorts.{cohort}: missing input paths {missing}; each real cohort needs "
-            "sheet, rna, gene_sets, clinical and biospecimen (see config/cohort_example.yaml)"
+            "rna, gene_sets and clinical, plus sheet and biospecimen when it has slides "
+            "(see config/cohort_example.yaml)"
         )
-    return {k: str(blk[k]) for k in COHORT_INPUTS}
+    return {k: str(blk[k]) for k in DEMO_FILES if blk.get(k)}
+
+
+def cohort_has_slides(config: dict, cohort: str) -> bool:
+    """A demo cohort always has slides; a real one when its block names a cohort sheet."""
+    blk = config["cohorts"][cohort]
+    return bool(blk.get("demo") or blk.get("sheet"))
+
+
+def check_models_fit_cohorts(config: dict, models: list[str]) -> None:
+    """A cohort without a slide sheet (RNA + clinical only) can run only models that read no slides."""
+    slideless = [c for c in site_cohorts(config) if not cohort_has_slides(config, c)]
+    if not slideless:
+        return
+    slide_models = [m for m in models if model_needs_slides(config, m)]
+    if slide_models:
+        ok = [m for m in models if m not in slide_models]
+        raise InputError(
+            f"config run.models: {slide_models} need slides, but cohort(s) {slideless} have no slide sheet "
+            f"(cohorts.<name>.sheet); set run.models to models without slides (here: {ok or 'mlp, snn, gene_mixer'}) "
+            "or give the cohort a sheet"
+        )
 
 
 def load_sheet(config: dict, cohort: str) -> pd.DataFrame:
@@ -103,6 +150,8 @@ def load_sheet(config: dict, cohort: str) -> pd.DataFrame:
         sheet = demo_sheet(int(d.get("n_patients", 40)), int(d.get("seed", 0)), out_dir=base)
         sheet = sheet.assign(path=[f"{base}/{p}" for p in sheet["path"]])
         return check_sheet(sheet, f"demo cohort {cohort}")
+    if not blk.get("sheet"):  # RNA + clinical only: no slides
+        return check_sheet(pd.DataFrame(columns=["slide_id", "patient_id", "path", "mpp"]), f"cohort {cohort}")
     return read_sheet(blk["sheet"])
 
 

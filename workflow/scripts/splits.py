@@ -7,7 +7,7 @@ with log_to(snakemake.log[0]):
     make_splits(
         snakemake.input.cases,
         snakemake.output.parquet,
-        sheet=snakemake.input.sheet,
+        sheet=snakemake.input.sheet or None,
         summary_path=snakemake.output.summary,
         **snakemake.params.splits,
     )

@@ -20,7 +20,7 @@ with log_to(snakemake.log[0]):
         pathways_path=snakemake.input.pathways,
         feature_files=expand_feature_inputs(snakemake.input.features),
         sheet=list(snakemake.input.sheets),
-        text_h5=snakemake.input.text,
+        text_h5=snakemake.input.get("text"),
         out_dir=str(Path(snakemake.output.state).parent),
         cohort=snakemake.wildcards.cohort,
         probe_lr=snakemake.params.probe_lr,

@@ -4,8 +4,12 @@ from modaltune.models.registry import (
     ModelDims,
     available_models,
     build_model,
+    model_objective,
+    needs_slides,
+    needs_text,
     positional_grid,
     register_model,
 )
 
-__all__ = ["ModelDims", "available_models", "build_model", "positional_grid", "register_model"]
+__all__ = ["ModelDims", "available_models", "build_model", "model_objective", "needs_slides", "needs_text",
+           "positional_grid", "register_model"]

@@ -43,6 +43,44 @@ def positional_grid(arch: str, cfg: dict) -> tuple[int | None, int]:
     return backbone_grid(arch, cfg)
 
 
+# Torch-free facts per architecture, read while Snakemake builds the DAG (which inputs a run needs):
+# (objective when the config block sets none, whether the objective is fixed by the arch, needs slides).
+# tests/test_science.py checks them against the built modules.
+ARCH_FACTS: dict[str, tuple[str, bool, bool]] = {
+    "modaltune": ("text_kl", True, True),
+    "slide_encoder_lp": ("none", True, True),
+    "slide_encoder_tuned": ("classification", False, True),
+    "abmil": ("classification", False, True),
+    "transmil": ("classification", False, True),
+    "mcat": ("classification", False, True),
+    "survpath": ("classification", False, True),
+    "late_fusion": ("classification", False, True),
+    "mlp": ("classification", False, False),
+    "snn": ("classification", False, False),
+    "gene_mixer": ("classification", False, False),
+}
+
+
+def model_objective(arch: str, cfg: dict) -> str | None:
+    """The training objective a model block gets (None: an architecture without recorded facts)."""
+    if arch not in ARCH_FACTS:
+        return cfg.get("objective")
+    default, fixed, _ = ARCH_FACTS[arch]
+    return default if fixed else cfg.get("objective", default)
+
+
+def needs_slides(arch: str, cfg: dict) -> bool:
+    """Whether the model reads patch features (unknown architectures: assumed to)."""
+    del cfg  # every recorded arch decides this alone; kept so that a config-dependent arch can be added
+    return ARCH_FACTS.get(arch, ("", False, True))[2]
+
+
+def needs_text(arch: str, cfg: dict) -> bool:
+    """Whether training needs the fold's text targets: objective text_kl, or unknown (conservative)."""
+    objective = model_objective(arch, cfg)
+    return objective is None or objective == "text_kl"
+
+
 def register_model(name: str):
     """Decorator: ``@register_model("abmil")`` on a builder ``fn(cfg: dict, dims: ModelDims) -> nn.Module``."""
 
