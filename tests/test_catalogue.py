@@ -19,7 +19,7 @@ from modaltune.demo import write_pyramid_tiff
 from modaltune.errors import InputError
 from modaltune.preflight import load_config
 from modaltune.workflow import load_sheet
-from tests.test_preflight import check, cohort_config, copy_cohort, make_cohort, one_problem, one_warning
+from tests.preflight_helpers import check, cohort_config, copy_cohort, make_cohort, one_problem, one_warning
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = ROOT / "docs" / "CATALOGUE.md"

@@ -7,13 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-try:  # tests/ is a package in this repo; fall back to rootdir-relative imports if it stops being one
-    from tests.test_training import GENES_PER_PW, N_PATHWAYS, D, make_cohort
-except ImportError:
-    from test_training import GENES_PER_PW, N_PATHWAYS, D, make_cohort
-
 from modaltune.data import PatientDataset, collate_patients, place_side_by_side
 from modaltune.errors import InputError, LeakageError
+from tests.training_helpers import GENES_PER_PW, N_PATHWAYS, D, make_cohort
 
 
 @pytest.fixture(scope="module")

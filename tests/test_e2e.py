@@ -85,7 +85,7 @@ def test_rerun_one_slide_and_one_run_alone(demo_copy, planned_jobs, snakemake):
 @pytest.mark.slow
 def test_report_of_the_demo_renders_in_chromium(demo_run, snakemake, tmp_path):
     """`snakemake --report` after the demo: the front page shows the task tables, Kaplan-Meier and a heatmap."""
-    from tests.test_browser import check_report_page, chromium, render
+    from tests.browser_helpers import check_report_page, chromium, render
 
     chromium()
     res = snakemake(demo_run, "--report", "results/report.html")

@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-try:  # tests/ is a package in this repo; fall back to rootdir-relative imports if it stops being one
-    from tests.test_training import _registry_without_missing_modules, make_cohort, prepare_env, run_args  # noqa: F401
-except ImportError:
-    from test_training import _registry_without_missing_modules, make_cohort, prepare_env, run_args  # noqa: F401
-
 from modaltune import evaluation, probes
+from tests.training_helpers import make_cohort, prepare_env, run_args
+
+
+@pytest.fixture(autouse=True)
+def _registry_without_missing_modules(monkeypatch):
+    prepare_env(monkeypatch)
 
 
 @pytest.fixture(scope="module")
