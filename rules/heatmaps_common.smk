@@ -2,7 +2,7 @@
 from modaltune.heatmap_plan import heatmap_plan
 
 HM_PLAN = heatmap_plan(
-    config, SHEETS, MODELS, SEEDS, N_FOLDS, targets=target_cohorts(config)
+    config, SHEETS, MODELS, SEEDS, FOLDS, targets=target_cohorts(config)
 )
 HM = config.get("heatmaps") or {}
 HM_DIR = f"{RESULTS}/{{cohort}}/heatmaps/{{model}}"

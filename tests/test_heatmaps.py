@@ -197,10 +197,10 @@ def test_dag_rejects_unknown_slide_and_model_without_tile_scores(tmp_path):
     assert res.returncode != 0 and "heatmaps.slides" in msg and "NOPE-1" in msg
     plan = {"models": {"snn": {"arch": "snn"}}}
     with pytest.raises(InputError, match="tile scores"):
-        heatmap_plan.heatmap_plan({**plan, "heatmaps": {"models": ["snn"]}}, {}, ["snn"], [0], 1)
+        heatmap_plan.heatmap_plan({**plan, "heatmaps": {"models": ["snn"]}}, {}, ["snn"], [0], [0])
     with pytest.raises(InputError, match="heatmaps.fold"):
         heatmap_plan.heatmap_plan({"models": {"abmil": {"arch": "abmil"}}, "heatmaps": {"models": ["abmil"], "fold": 3}},
-                              {}, ["abmil"], [0], 2)
+                              {}, ["abmil"], [0], [0, 1])
 
 
 # ------------------------------------------------------------------------------------------ planted demo

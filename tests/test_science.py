@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from modaltune.errors import InputError
-from tests.test_e2e import make_workdir, planned_jobs, snakemake
-from tests.test_training import make_cohort, prepare_env
+from tests.training_helpers import make_cohort, prepare_env
+from tests.workflow_helpers import make_workdir, planned_jobs, snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ PATHWAY_ARCHS = ("modaltune", "mcat", "survpath")
 
 
 def heatmap_plan(config: dict, sheets: dict[str, pd.DataFrame], models: Sequence[str], seeds: Sequence[int],
-                 n_folds: int, targets: Sequence[str] | None = None) -> dict:
+                 folds: Sequence[int], targets: Sequence[str] | None = None) -> dict:
     """What rules/heatmaps.smk draws, decided from config and cohort sheets only (no run results).
 
     ``sheets``: every site cohort's sheet (slide ids are checked against all of them); ``targets``: the
@@ -50,8 +50,8 @@ def heatmap_plan(config: dict, sheets: dict[str, pd.DataFrame], models: Sequence
                                  f"choose models with arch in {list(archs)}")
     if (chosen or attribution) and seed not in [int(s) for s in seeds]:
         raise InputError(f"config heatmaps.seed={seed} is not among seeds {list(seeds)}")
-    if (chosen or attribution) and not 0 <= fold < int(n_folds):
-        raise InputError(f"config heatmaps.fold={fold}: the split scheme has folds 0..{int(n_folds) - 1}")
+    if (chosen or attribution) and fold not in [int(f) for f in folds]:
+        raise InputError(f"config heatmaps.fold={fold}: the split scheme has folds {list(folds)}")
     wanted = [str(s) for s in hm.get("slides", [])]
     known = {s for sh in sheets.values() for s in sh.index}
     unknown = sorted(set(wanted) - known)
