@@ -52,9 +52,12 @@ def benchmark_files(cohort):
     out["splits"] = [f"benchmarks/out/splits/{c}_{SCHEME}.tsv" for c in members]
     if cohort in PANCANCER:
         out["pancancer_merge"] = [f"benchmarks/out/pancancer_merge/{cohort}.tsv"]
-    out["text_targets"] = expand(
-        f"benchmarks/out/text_targets/{cohort}_fold_{{fold}}.tsv", fold=FOLDS
-    )
+    if any(
+        model_needs_text(config, m) for m in MODELS
+    ):  # text targets only for text_kl models
+        out["text_targets"] = expand(
+            f"benchmarks/out/text_targets/{cohort}_fold_{{fold}}.tsv", fold=FOLDS
+        )
     runs = dict(model=MODELS, seed=SEEDS, fold=FOLDS)
     pattern = (
         f"benchmarks/out/{{stage}}/{cohort}/{{model}}/seed_{{seed}}_fold_{{fold}}.tsv"

@@ -394,7 +394,7 @@ CONTROL_MODELS = {
 
 def _shuffle_cohort(c: dict, root: Path, seed: int = 0) -> dict:
     """The same cohort with labels and (time, event) each permuted across patients; text from the new labels."""
-    from tests.test_training import T_DIM
+    from tests.training_helpers import T_DIM
 
     cases = pd.read_parquet(c["cases_path"])
     rng = np.random.default_rng(seed)
