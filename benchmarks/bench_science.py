@@ -15,8 +15,8 @@ sees one modality can reach what a model seeing both can. This script
 Metrics are the linear-probe headline numbers (subtype balanced accuracy, survival C-index), i.e. the same
 probe fitted on train embeddings and scored on the same test patients for every model.
 
-    python benchmarks/bench_science.py --workdir /tmp/science --out benchmarks/results/science.md
-    python benchmarks/bench_science.py --workdir /tmp/science --analyze-only   # tables from a finished run
+    python benchmarks/bench_science.py --workdir WORKDIR --out benchmarks/results/science.md
+    python benchmarks/bench_science.py --workdir WORKDIR --analyze-only   # tables from a finished run
 """
 
 from __future__ import annotations

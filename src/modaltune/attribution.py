@@ -25,6 +25,7 @@ import pandas as pd
 
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path
+from modaltune.probes import cox_design
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,7 @@ def probe_output(probe, token: int | None, task: str) -> Callable:
         emb = out["embedding"].float()
         x = (emb[:, token] if emb.dim() == 3 else emb).cpu().numpy()
         if task == "survival":
-            z = probe["scaler"].transform(x)
-            if probe.get("keep") is not None:
-                z = z[:, probe["keep"]]
-            if probe["pca"] is not None:
-                z = probe["pca"].transform(z)
-            df = pd.DataFrame(z, columns=[f"x{i}" for i in range(z.shape[1])])
-            val = np.asarray(probe["model"].predict_log_partial_hazard(df), float)
+            val = np.asarray(probe["model"].predict_log_partial_hazard(cox_design(probe, x)), float)
         else:
             val = probe.decision_function(x)
             val = val if val.ndim == 1 else val.max(1)

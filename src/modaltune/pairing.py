@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from modaltune.errors import InputError
+from modaltune.probes import harrell_c
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -49,16 +50,8 @@ def auroc(y: np.ndarray, prob: np.ndarray) -> float | None:
 
 def cindex(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float | None:
     """lifelines' Harrell C with higher ``risk`` = shorter survival; None without a comparable pair."""
-    from lifelines.utils import concordance_index
-
     time, event, risk = (np.asarray(a, float) for a in (time, event, risk))
-    ok = np.isfinite(time) & np.isfinite(event) & np.isfinite(risk)
-    if ok.sum() < 2 or event[ok].sum() < 1:
-        return None
-    try:
-        return float(concordance_index(time[ok], -risk[ok], event[ok]))
-    except ZeroDivisionError:
-        return None
+    return harrell_c(time, risk, event)
 
 
 def bootstrap_ci(stat: Callable[..., float | None], *arrays, n_boot: int = 1000, seed: int = 0,

@@ -182,17 +182,21 @@ def fit_cox_probe(x_train: np.ndarray, times: np.ndarray, events: np.ndarray, pe
     return res
 
 
-def cox_risk(probe: dict | None, x: np.ndarray) -> np.ndarray | None:
-    """Partial hazard (higher = worse) of every row; None when the probe was not fitted."""
-    if probe is None or probe.get("model") is None or len(x) == 0:
-        return None
+def cox_design(probe: dict, x: np.ndarray) -> pd.DataFrame:
+    """Embeddings -> the covariate frame the fitted Cox probe takes (its scaler, kept dims, PCA)."""
     z = probe["scaler"].transform(x)
     if probe.get("keep") is not None:
         z = z[:, probe["keep"]]
     if probe["pca"] is not None:
         z = probe["pca"].transform(z)
-    df = pd.DataFrame(z, columns=[f"x{i}" for i in range(z.shape[1])])
-    risk = np.asarray(probe["model"].predict_partial_hazard(df), float)
+    return pd.DataFrame(z, columns=[f"x{i}" for i in range(z.shape[1])])
+
+
+def cox_risk(probe: dict | None, x: np.ndarray) -> np.ndarray | None:
+    """Partial hazard (higher = worse) of every row; None when the probe was not fitted."""
+    if probe is None or probe.get("model") is None or len(x) == 0:
+        return None
+    risk = np.asarray(probe["model"].predict_partial_hazard(cox_design(probe, x)), float)
     return risk if np.all(np.isfinite(risk)) else None
 
 
