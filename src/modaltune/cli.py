@@ -102,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--features", nargs="+", required=True, help="features HDF5 files")
         p.add_argument("--sheet", nargs="+", required=True, help="cohort sheet TSV(s)")
         p.add_argument("--run-dir", required=True)
+        p.add_argument("--cohort", default=None,
+                       help="cohort name (recorded in state.pt / metrics.json; train: a demo cohort of the config "
+                            "gets the demo_models sizes, default paper sizes; evaluate: the cohort evaluated on)")
         if name == "train":
-            p.add_argument("--text", required=True)
-            p.add_argument("--cohort", default=None,
-                           help="cohort name in the config: a demo cohort gets the demo_models sizes (default: none, "
-                                "paper sizes)")
+            p.add_argument("--text", default=None, help="text/fold_{k}.h5 (text_kl models only)")
 
     p = _add(sub, "aggregate", "summary tables + plots from metrics.json files")
     p.add_argument("metrics", nargs="+")
@@ -203,14 +203,16 @@ def run(args: argparse.Namespace) -> None:
             from modaltune.training import train_run
 
             train_run(model_name=args.model, model_cfg=model_config(cfg, args.model, args.cohort),
-                      train_cfg=cfg["training"],
+                      train_cfg=cfg["training"], cohort=args.cohort, probe_lr=(cfg.get("probes") or {}).get("lr", "standard"),
                       seed=args.seed, text_h5=args.text, out_dir=args.run_dir, **common)
         else:
             from modaltune.evaluation import evaluate_run
 
             run_dir = Path(args.run_dir)
             evaluate_run(run_dir=str(run_dir), out_metrics=str(run_dir / "metrics.json"),
-                         out_embeddings=str(run_dir / "embeddings.npz"), probe_cfg=cfg.get("probes"), **common)
+                         out_embeddings=str(run_dir / "embeddings.npz"),
+                         out_predictions=str(run_dir / "predictions.parquet"), probe_cfg=cfg.get("probes"),
+                         eval_cohort=args.cohort, **common)
     elif cmd == "aggregate":
         from modaltune.aggregate import aggregate
 
