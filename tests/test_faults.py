@@ -432,7 +432,7 @@ def test_conch_v1_bundled_config_random_weights(tmp_path):
     from conch.open_clip_custom import CoCa, get_tokenizer
     from conch.open_clip_custom.factory import CFG_DIR
 
-    from modaltune.text import ConchTextEncoder, build_text_encoder
+    from modaltune.encoders.text import ConchTextEncoder, build_text_encoder
 
     cfg = json.loads((Path(CFG_DIR) / "conch_ViT-B-16.json").read_text())
     texts = ["Cancer location: breast;", "Diagnosis: invasive lobular carcinoma."]
