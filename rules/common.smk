@@ -6,7 +6,7 @@ import pandas as pd
 
 from modaltune.preflight import print_run_summary, recheck_preflight
 from modaltune.splits import import_split_files
-from modaltune.settings import result_settings
+from modaltune.settings import result_config, result_settings
 from modaltune.workflow import (
     cohort_inputs,
     demo_cohorts,

@@ -184,7 +184,7 @@ rule manifest:
     conda:
         "../envs/report.yaml"
     params:
-        config=config,
-        workflow_dir=workflow.basedir,
+        # speed-only settings (device, batch size, readers) do not change results: not in the fingerprint
+        config=result_config(config),
     script:
         "../workflow/scripts/manifest.py"

@@ -421,28 +421,28 @@ def probe_cis(c: dict, run_dir: Path, metrics: dict, n_boot: int = 1000, level: 
     The probes are refitted on the TRAIN embeddings exactly as ``evaluate_run`` fits them (same functions,
     same settings), and the point estimates must equal those in metrics.json.
     """
-    from modaltune.evaluation import fit_cox_probe, fit_lr_probe, token_names
     from modaltune.pairing import balanced_accuracy, bootstrap_ci, cindex
+    from modaltune.probes import PROBE_DEFAULTS, cox_risk, fit_cox_probe, fit_lr_probe
 
     npz = np.load(run_dir / "embeddings.npz")
     x, part, ids = npz["embedding"], npz["partition"], list(npz["patient_id"])
     cases = pd.read_parquet(c["cases_path"]).set_index("patient_id").loc[ids]
     y = cases["label"].to_numpy(int)
     t, e = cases["survival_months"].to_numpy(float), cases["event"].to_numpy(float)
-    names = token_names(x.shape[1] if x.ndim == 3 else None)
+    names = list(metrics["tokens"])  # the run's token names, in embedding order
 
     def tok(name):
         return x[:, names.index(name)] if x.ndim == 3 else x
 
     tr, te = part == "train", part == "test"
     xs = tok(metrics["subtype_token"])
-    pipe = fit_lr_probe(xs[tr], y[tr], seed=int(metrics["seed"]))
+    pipe = fit_lr_probe(xs[tr], y[tr], seed=int(metrics["seed"]), max_iter=PROBE_DEFAULTS["lr_max_iter"],
+                        mode=PROBE_DEFAULTS["lr"])
     pred = pipe.predict(xs[te])
     assert balanced_accuracy(y[te], pred) == pytest.approx(metrics["subtype_bacc"])
     xc = tok(metrics["survival_token"])
-    cox = fit_cox_probe(xc[tr], t[tr], e[tr], penalizer=0.1)
-    z = cox["scaler"].transform(xc[te])[:, cox["keep"]]
-    risk = np.asarray(cox["model"].predict_partial_hazard(pd.DataFrame(z, columns=[f"x{i}" for i in range(z.shape[1])])))
+    cox = fit_cox_probe(xc[tr], t[tr], e[tr], penalizer=PROBE_DEFAULTS["cox_penalizer"], pca=PROBE_DEFAULTS["cox_pca"])
+    risk = cox_risk(cox, xc[te])
     assert cindex(t[te], e[te], risk) == pytest.approx(metrics["survival_cindex"])
     return {"subtype_bacc": bootstrap_ci(balanced_accuracy, y[te], pred, n_boot=n_boot, seed=0, level=level),
             "survival_cindex": bootstrap_ci(cindex, t[te], e[te], risk, n_boot=n_boot, seed=0, level=level)}

@@ -435,11 +435,13 @@ def preflight_cohort(config: dict, cohort: str, *, quick: bool = False, generate
     except InputError as exc:
         report.problems.append(str(exc))
     lap("sheet")
-    if sheet is not None:
+    has_sheet = "sheet" in inputs  # a cohort of RNA + clinical only has no sheet and no biospecimen
+    if sheet is not None and has_sheet:
         check_slides(sheet, quick, config["tiling"].get("on_error", "record"), report, inputs["sheet"])
-        check_biospecimen(inputs["biospecimen"], sheet, report)
+        if "biospecimen" in inputs:
+            check_biospecimen(inputs["biospecimen"], sheet, report)
     lap("slides")
-    sheet_patients = set(sheet["patient_id"]) if sheet is not None else set()
+    sheet_patients = set(sheet["patient_id"]) if sheet is not None and has_sheet else None
 
     with tempfile.TemporaryDirectory(prefix=".preflight.", dir=None) as scratch:
         scratch = Path(scratch)
@@ -449,7 +451,7 @@ def preflight_cohort(config: dict, cohort: str, *, quick: bool = False, generate
         lap("clinical")
         splits = _splits(config, inputs, cases, scratch, report) if cases is not None else None
         lap("splits")
-    report.composition = composition_table(cases, splits, sheet_patients, rna_patients)
+    report.composition = composition_table(cases, splits, sheet_patients or set(), rna_patients)
     _global(config, report, global_checks)
     lap("models_checkpoints")
     return report
@@ -473,7 +475,8 @@ def _rna(config, inputs, sheet_patients, scratch: Path, report: CohortReport):
     gcfg = config.get("genomics", {})
     try:
         rep = build_pathways(inputs["rna"], inputs["gene_sets"], scratch / "pathways.parquet", scratch / "rna.json",
-                             patients=sorted(sheet_patients), allow_normal=bool(gcfg.get("allow_normal", False)),
+                             patients=None if sheet_patients is None else sorted(sheet_patients),
+                             allow_normal=bool(gcfg.get("allow_normal", False)),
                              alias_table=gcfg.get("alias_table"),
                              min_genes_per_pathway=int(gcfg.get("min_genes_per_pathway", 1)))
     except InputError as exc:
@@ -503,16 +506,19 @@ def _clinical(config, cohort, inputs, sheet, rna_parquet, scratch: Path, report:
     blk = config["cohorts"][cohort]
     if sheet is None:
         return None
-    sheet_file = scratch / "sheet.tsv"  # the resolved sheet (demo sheets are built in memory)
-    sheet.to_csv(sheet_file, sep="\t", index=False)
+    sheet_file = None
+    if "sheet" in inputs:
+        sheet_file = scratch / "sheet.tsv"  # the resolved sheet (demo sheets are built in memory)
+        sheet.to_csv(sheet_file, sep="\t", index=False)
     try:
         with _capture_warnings("modaltune.clinical"):  # summarised as warnings below
-                cases = build_clinical_table(inputs["clinical"], inputs["biospecimen"], scratch / "cases.parquet",
+            cases = build_clinical_table(inputs["clinical"], inputs.get("biospecimen"), scratch / "cases.parquet",
                                          cohort=blk["site"], label_map=blk.get("label_map") or None,
                                          sheet=sheet_file, rna_parquet=rna_parquet,
                                          report_path=scratch / "clinical.json")
     except InputError as exc:
-        report.problems.append(str(exc).replace(str(sheet_file), inputs["sheet"]))
+        msg = str(exc)
+        report.problems.append(msg.replace(str(sheet_file), inputs["sheet"]) if sheet_file else msg)
         return None
     import json
 
@@ -539,7 +545,7 @@ def _splits(config, inputs, cases, scratch: Path, report: CohortReport):
     scfg["import_path"] = scfg.get("import_path")
     try:
         with _capture_warnings("modaltune.splits"):
-            splits = make_splits(scratch / "cases.parquet", scratch / "splits.parquet", sheet=inputs["sheet"],
+            splits = make_splits(scratch / "cases.parquet", scratch / "splits.parquet", sheet=inputs.get("sheet"),
                                  **scfg)
     except (InputError, LeakageError) as exc:
         report.problems.append(f"splits ({scfg.get('scheme')}): {exc}")

@@ -37,6 +37,11 @@ def result_settings(config: Mapping, block: str) -> dict:
     return {k: v for k, v in sorted(dict(config.get(block) or {}).items()) if k not in speed}
 
 
+def result_config(config: Mapping) -> dict:
+    """The whole config less its speed-only settings (what a run's fingerprint is made of)."""
+    return {k: (result_settings(config, k) if k in SPEED_ONLY else v) for k, v in sorted(dict(config).items())}
+
+
 def speed_settings(config: Mapping, block: str) -> dict:
     """The speed-only settings of ``config[block]`` (what a script reads from ``snakemake.config``)."""
     speed = SPEED_ONLY.get(block, ())
@@ -49,4 +54,4 @@ def job_settings(params: Mapping, config: Mapping, block: str) -> dict:
     return {**speed_settings(config, block), **dict(params)}
 
 
-__all__ = ["SPEED_ONLY", "job_settings", "result_settings", "speed_settings"]
+__all__ = ["SPEED_ONLY", "job_settings", "result_config", "result_settings", "speed_settings"]
