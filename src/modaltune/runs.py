@@ -167,15 +167,19 @@ def restore_preprocessing(state: dict):
 # ---------------------------------------------------------------------------------------------- embedding
 @torch.inference_mode()
 def embed_dataset(model, dataset, *, device="cpu", batch_size: int = 1, amp_dtype=None,
-                  desc: str = "embed") -> dict:
-    """Run the model in eval mode over a dataset; embeddings (P, E) or (P, K, E) plus logits/hazards."""
+                  desc: str = "embed", num_workers: int = 0, on_batch=None) -> dict:
+    """Run the model in eval mode over a dataset; embeddings (P, E) or (P, K, E) plus logits/hazards.
+
+    ``on_batch(out, batch)``: called for every batch (the trainer's val pass adds up its loss there)."""
     model.eval()
     ids, embs, logits, hazards = [], [], [], []
     dev_type = torch.device(device).type
-    for batch in tqdm(loader(dataset, batch_size), desc=desc, leave=False, disable=None):
+    for batch in tqdm(loader(dataset, batch_size, num_workers=num_workers), desc=desc, leave=False, disable=None):
         batch = to_device(batch, device)
         with torch.autocast(device_type=dev_type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(batch)
+        if on_batch is not None:
+            on_batch(out, batch)
         ids += batch["patient_id"]
         embs.append(out["embedding"].float().cpu().numpy())
         if out.get("logits") is not None:

@@ -174,25 +174,15 @@ class _LossFn:
 
 def _val_pass(model, ds_val, loss_fn, cfg, device, amp_dtype) -> tuple[dict, float]:
     """One eval-mode pass over the val patients: embeddings + head outputs and the mean val loss."""
-    model.eval()
-    ids, embs, logits, hazards, losses = [], [], [], [], []
-    with torch.inference_mode():
-        for batch in loader(ds_val, cfg["batch_size"], num_workers=cfg["num_workers"]):
-            batch = to_device(batch, device)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(batch)
-            loss = loss_fn(out, batch)
-            if loss is not None:
-                losses.append(float(loss) * len(batch["patient_id"]))
-            ids += batch["patient_id"]
-            embs.append(out["embedding"].float().cpu().numpy())
-            if out.get("logits") is not None:
-                logits.append(out["logits"].float().cpu().numpy())
-            if out.get("hazards") is not None:
-                hazards.append(out["hazards"].float().cpu().numpy())
-    emb = {"patient_id": ids, "embedding": np.concatenate(embs) if embs else np.zeros((0, 0), np.float32),
-           "logits": np.concatenate(logits) if logits else None,
-           "hazards": np.concatenate(hazards) if hazards else None}
+    losses = []
+
+    def add_loss(out, batch):
+        loss = loss_fn(out, batch)
+        if loss is not None:
+            losses.append(float(loss) * len(batch["patient_id"]))
+
+    emb = embed_dataset(model, ds_val, device=device, batch_size=int(cfg["batch_size"]), amp_dtype=amp_dtype,
+                        desc="val", num_workers=int(cfg["num_workers"]), on_batch=add_loss)
     return emb, (float(np.sum(losses) / max(1, len(ds_val))) if losses else float("nan"))
 
 
