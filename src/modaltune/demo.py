@@ -96,7 +96,7 @@ _NS_LAYOUT, _NS_SLIDE, _NS_RNA, _NS_CLINICAL, _NS_PATIENT, _NS_PLANT = 1, 2, 3, 
 # tissue carries the class-0 look except inside one box, which carries the patient's class-1 look. The box
 # spans about PLANT_BOX of the slide's width and height, aligned to PLANT_GRID level-0 px (one default tile,
 # 256 px at 0.5 mpp), and is placed where it covers the most tissue. Recorded in truth_regions.tsv.
-PLANT_FRACTION = 1 / 3
+PLANT_FRACTION = 0.25
 PLANT_BOX = (0.40, 0.45)
 PLANT_GRID = 512
 
@@ -466,11 +466,18 @@ def _write_slide(job: tuple[str, list[int], list[int], int, tuple[int, int], boo
 
 
 def planted_slides(layout: pd.DataFrame, seed: int, fraction: float = PLANT_FRACTION) -> list[str]:
-    """Slide ids that get a planted region: the first slide of round(fraction x n) class-1 patients."""
+    """Slide ids that get a planted region: the first slide of round(fraction x n) class-1 patients.
+
+    Patients with a second slide are chosen first: their second slide keeps the whole class-1 look, so
+    planting (the first slide looks class-0 outside its box) localises the signal without flipping the
+    patient's label signal; single-slide patients are planted only when the fraction asks for more.
+    """
     rng = np.random.default_rng([int(seed), _NS_PLANT])
-    pos = layout.loc[layout["class"] == 1, "patient_id"].tolist()
-    n = int(round(float(fraction) * len(pos)))
-    chosen = sorted(rng.permutation(pos)[:n].tolist()) if n else []
+    cls1 = layout[layout["class"] == 1]
+    multi = rng.permutation(cls1.loc[cls1["n_slides"] >= 2, "patient_id"].tolist()).tolist()
+    single = rng.permutation(cls1.loc[cls1["n_slides"] < 2, "patient_id"].tolist()).tolist()
+    n = int(round(float(fraction) * len(cls1)))
+    chosen = sorted((multi + single)[:n]) if n else []
     return [f"{p}-01Z-00-DX1" for p in chosen]
 
 
