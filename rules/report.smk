@@ -148,6 +148,7 @@ rule cost:
     input:
         unpack(lambda wc: benchmark_files(wc.cohort)),
         throughput=f"{RESULTS}/{{cohort}}/throughput.tsv",
+        cases=f"{RESULTS}/{{cohort}}/clinical/cases.parquet",
     output:
         tsv=report(
             f"{RESULTS}/{{cohort}}/cost/stages.tsv",

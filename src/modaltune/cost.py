@@ -78,7 +78,7 @@ def stage_table(bench: pd.DataFrame, gpu_stages) -> pd.DataFrame:
 
 def measured_rates(bench: pd.DataFrame, *, gpu_stages, n_slides: int, n_patients: int, n_tiles: int) -> dict:
     """Seconds (wall and CPU) per unit of work for every stage, and the measured cohort's size."""
-    if n_slides <= 0 or n_patients <= 0:
+    if n_patients <= 0:  # a cohort without slides (RNA + clinical only) has 0 slides and is fine
         raise InputError(f"cost: the measured cohort has {n_slides} slides and {n_patients} patients; "
                          "nothing to derive rates from")
     stages: dict = {}
@@ -154,8 +154,12 @@ def cost_markdown(stages: pd.DataFrame, throughput: pd.DataFrame) -> str:
 
 
 def cost_report(files_by_stage: dict[str, list[str]], *, throughput_tsv, gpu_stages, n_slides: int,
-                n_patients: int, out_tsv, out_md, out_rates) -> pd.DataFrame:
-    """Write the per-stage table (TSV + Markdown) and the measured rates (JSON for ``modaltune cost``)."""
+                n_patients: int, out_tsv, out_md, out_rates, cases_parquet=None) -> pd.DataFrame:
+    """Write the per-stage table (TSV + Markdown) and the measured rates (JSON for ``modaltune cost``).
+
+    ``n_patients`` 0 (a cohort without a slide sheet) is counted from ``cases_parquet``."""
+    if not n_patients and cases_parquet is not None:
+        n_patients = len(pd.read_parquet(cases_parquet, columns=["patient_id"]))
     bench = read_benchmarks(files_by_stage)
     throughput = pd.read_csv(throughput_tsv, sep="\t")
     stages = stage_table(bench, gpu_stages)

@@ -9,6 +9,7 @@ No torch here: probes work on numpy arrays.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -168,9 +169,13 @@ def fit_cox_probe(x_train: np.ndarray, times: np.ndarray, events: np.ndarray, pe
             except (ConvergenceError, FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         if error is None:
-            conv = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
-            if conv:
-                error = f"ConvergenceWarning: {str(conv[0].message).splitlines()[0][:300]}"
+            # lifelines also raises ConvergenceWarning as advice on fits that converged (see _NOT_CONVERGED).
+            conv = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+            failed = [m for m in conv if _NOT_CONVERGED.search(m)]
+            if failed:
+                error = f"ConvergenceWarning: {failed[0].splitlines()[0][:300]}"
+            elif conv:
+                res.setdefault("warnings", []).extend(m.splitlines()[0][:300] for m in conv)
         res["attempts"].append({"penalizer": pen, "error": error})
         if error is None:
             res.update(model=cph, scaler=scaler, penalizer=pen, converged=True, error=None)
@@ -180,6 +185,11 @@ def fit_cox_probe(x_train: np.ndarray, times: np.ndarray, events: np.ndarray, pe
         log.warning("Cox probe attempt %d failed: %s", attempt + 1, res["error"])
         pen = pen * 10.0 if pen > 0 else 0.1
     return res
+
+
+# lifelines' words for a fit that did not reach a unique optimum (non-convergence, complete separation);
+# "very low variance" / collinearity notes on a converged fit are advice and do not fail it.
+_NOT_CONVERGED = re.compile(r"failed to converge|did not converge|norm\(delta\) is still high", re.IGNORECASE)
 
 
 def cox_design(probe: dict, x: np.ndarray) -> pd.DataFrame:

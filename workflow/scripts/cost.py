@@ -13,4 +13,5 @@ with log_to(snakemake.log[0]):
         out_tsv=snakemake.output.tsv,
         out_md=snakemake.output.md,
         out_rates=snakemake.output.rates,
+        cases_parquet=snakemake.input.cases,
     )
