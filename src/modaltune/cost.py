@@ -98,7 +98,7 @@ def measured_rates(bench: pd.DataFrame, *, gpu_stages, n_slides: int, n_patients
                          "wall_s_per_unit": g["wall_s"].sum() / units,
                          "cpu_s_per_unit": g["cpu_s"].sum() / units if g["cpu_s"].notna().any() else None}
     return {"measured": {"slides": int(n_slides), "patients": int(n_patients), "tiles": int(n_tiles),
-                         "tiles_per_slide": n_tiles / n_slides}, "stages": stages}
+                         "tiles_per_slide": n_tiles / n_slides if n_slides else None}, "stages": stages}
 
 
 def estimate(rates: dict, *, slides: int, patients: int | None = None, models: list[str] | None = None,
@@ -110,6 +110,9 @@ def estimate(rates: dict, *, slides: int, patients: int | None = None, models: l
     if slides <= 0:
         raise InputError("cost: --slides must be a positive number of slides")
     m = rates["measured"]
+    if (patients is None and not m["slides"]) or (tiles_per_slide is None and m["tiles_per_slide"] is None):
+        raise InputError("cost: the measured run had no slides (RNA + clinical only); give --patients and "
+                         "--tiles-per-slide")
     patients = int(patients if patients is not None else math.ceil(slides * m["patients"] / m["slides"]))
     tps = float(tiles_per_slide if tiles_per_slide is not None else m["tiles_per_slide"])
     rows = []
