@@ -39,13 +39,18 @@ class CrossAttn(nn.Module):
         key_pos: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
     ) -> Tensor:
+        a, _ = self._attend(tgt, mem, query_pos, key_pos, key_padding_mask, need_weights=False)
+        out = self.out_proj(a)
+        return tgt + out if self.double_residual else out
+
+    def _attend(self, tgt, mem, query_pos, key_pos, key_padding_mask, need_weights: bool):
+        """The cross-attention itself: (output, head-averaged weights or None)."""
         t = self.norm_q(tgt)
         m = self.norm_kv(mem)
         q = self.q_proj(t if query_pos is None else t + query_pos)
         k = m if key_pos is None else m + key_pos
-        a, _ = self.attn(q, k, m if key_pos is None else k, key_padding_mask=key_padding_mask, need_weights=False)
-        out = self.out_proj(a)
-        return tgt + out if self.double_residual else out
+        return self.attn(q, k, m if key_pos is None else k, key_padding_mask=key_padding_mask,
+                         need_weights=need_weights, average_attn_weights=True)
 
     def attention_weights(
         self,
@@ -57,12 +62,7 @@ class CrossAttn(nn.Module):
     ) -> Tensor:
         """(B, L_tgt, L_mem) softmax weights of this cross-attention (mean over heads), same inputs as
         ``forward``; used for tile heatmaps (each modal token's attention onto the image tokens)."""
-        t = self.norm_q(tgt)
-        m = self.norm_kv(mem)
-        q = self.q_proj(t if query_pos is None else t + query_pos)
-        k = m if key_pos is None else m + key_pos
-        return self.attn(q, k, m if key_pos is None else k, key_padding_mask=key_padding_mask, need_weights=True,
-                         average_attn_weights=True)[1]
+        return self._attend(tgt, mem, query_pos, key_pos, key_padding_mask, need_weights=True)[1]
 
 
 class PromptSelfAttention(nn.Module):
