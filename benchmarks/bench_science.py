@@ -59,7 +59,7 @@ def build_config(cohort_dir: Path, args) -> dict:
         "splits": {"scheme": "kfold", "n_folds": int(args.folds), "val_fraction": 0.15, "test_fraction": 0.2,
                    "seed": 0},
         "seeds": [int(s) for s in args.seeds],
-        "training": {"epochs": int(args.epochs), "warmup_epochs": 1, "val_cindex": False},
+        "training": {"epochs": int(args.epochs), "warmup_epochs": int(args.warmup_epochs), "val_cindex": False},
         "sharding": {"slides_per_job": 64},
         # Small enough for a 2-core machine: the demo ModalTune block with a 3-layer slide encoder.
         "models": {"modaltune": {"backbone": {"depth": 3, "interaction_indexes": [[0, 0], [1, 1], [2, 2]]}}},
@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=15, help="every model (the paper trains ModalTune 15 epochs)")
+    ap.add_argument("--warmup-epochs", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["modaltune", "abmil_cat", "abmil", "snn", "gene_mixer"])
     ap.add_argument("--slide-size", type=int, nargs=2, default=[4096, 3072])
     ap.add_argument("--cores", type=int, default=2)

@@ -110,8 +110,9 @@ def test_zero_gamma_keeps_frozen_encoder_output():
 
 def test_double_residual_switch():
     torch.manual_seed(3)
-    a = ModalTune(_cfg(), _dims()).eval()
-    b = ModalTune(_cfg(adapter={"double_residual": False}), _dims()).eval()
+    assert paper_config()["adapter"]["double_residual"] is False  # bug 2 fixed by default
+    a = ModalTune(_cfg(adapter={"double_residual": True}), _dims()).eval()  # the authors' code
+    b = ModalTune(_cfg(), _dims()).eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 7, 64)
     c = torch.randn(1, a.adapter.gene_pe.shape[1], 64)
@@ -122,8 +123,9 @@ def test_double_residual_switch():
 
 
 def test_frozen_dropout_switch():
-    on = ModalTune(_cfg(), _dims()).train()
-    off = ModalTune(_cfg(adapter={"frozen_dropout": False}), _dims()).train()
+    assert paper_config()["adapter"]["frozen_dropout"] is False  # bug 3 fixed by default
+    on = ModalTune(_cfg(adapter={"frozen_dropout": True}), _dims()).train()  # the authors' code
+    off = ModalTune(_cfg(), _dims()).train()
     assert on.backbone.training and on.backbone.encoder.layers[0].dropout_module.training
     assert not off.backbone.training and not off.backbone.encoder.layers[0].dropout_module.training
     assert off.adapter.training and off.gene_encoder.training

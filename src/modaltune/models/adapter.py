@@ -3,10 +3,10 @@
 Attention runs in a compressed width ``attn_dim`` (768 * 0.25 = 192, 12 heads of 16) with 768-d keys
 and values. Two switches reproduce or fix the authors' behaviour (method 6, bugs 2-3):
 
-* ``double_residual`` (default True = authors): the pre-norm cross-attention already returns
-  ``tgt + attn``, and the callers add the residual again, so the Injector computes
-  ``x + gamma * (x + attn)`` and the Extractor ``2c + attn``. False = the single residual the
-  authors' docstring describes (``x + gamma * attn``, ``c + attn``).
+* ``double_residual`` (config default False = fixed; True = the authors' code): the pre-norm
+  cross-attention already returns ``tgt + attn``, and the callers add the residual again, so the
+  Injector computes ``x + gamma * (x + attn)`` and the Extractor ``2c + attn``. False = the single
+  residual the authors' docstring describes (``x + gamma * attn``, ``c + attn``).
 * ``frozen_dropout`` lives on the model (``modaltune.ModalTune``).
 """
 
@@ -22,7 +22,7 @@ DEFAULT_INTERACTION_INDEXES = ((0, 3), (4, 7), (8, 11))
 class CrossAttn(nn.Module):
     """Pre-norm cross-attention: Wo(MHA(Wq(LN_q(tgt) + query_pos), LN_kv(mem) + key_pos)), + tgt if double."""
 
-    def __init__(self, dim: int = 768, num_heads: int = 12, attn_dim: int = 192, double_residual: bool = True):
+    def __init__(self, dim: int = 768, num_heads: int = 12, attn_dim: int = 192, double_residual: bool = False):
         super().__init__()
         self.double_residual = double_residual
         self.norm_q = nn.LayerNorm(dim)
@@ -84,7 +84,7 @@ class PromptSelfAttention(nn.Module):
 class Injector(nn.Module):
     """Modal -> image: x + gamma * CrossAttn(x, c, key_pos=pos); gamma starts at 0 (encoder untouched)."""
 
-    def __init__(self, dim: int, num_heads: int, attn_dim: int, double_residual: bool = True):
+    def __init__(self, dim: int, num_heads: int, attn_dim: int, double_residual: bool = False):
         super().__init__()
         self.cross = CrossAttn(dim, num_heads, attn_dim, double_residual)
         self.gamma = nn.Parameter(torch.zeros(dim))
@@ -97,7 +97,7 @@ class Extractor(nn.Module):
     """Image -> modal: c + CrossAttn(c, x, query_pos=pos), then c + DropPath(FFN(c)) (LN, 768->192->768)."""
 
     def __init__(self, dim: int, num_heads: int, attn_dim: int, cffn_ratio: float = 0.25,
-                 drop_path: float = 0.0, double_residual: bool = True):
+                 drop_path: float = 0.0, double_residual: bool = False):
         super().__init__()
         self.cross = CrossAttn(dim, num_heads, attn_dim, double_residual)
         hidden = int(dim * cffn_ratio)
@@ -143,7 +143,7 @@ class ModalAdapter(nn.Module):
         cffn_ratio: float = 0.25,
         drop_path: float = 0.1,
         interaction_indexes=DEFAULT_INTERACTION_INDEXES,
-        double_residual: bool = True,
+        double_residual: bool = False,
         use_prompt_sa: bool = True,
     ):
         super().__init__()

@@ -134,8 +134,9 @@ def paper_config() -> dict:
             "num_heads": 12,
             "cffn_ratio": 0.25,
             "drop_path": None,  # None = the backbone's drop_path_rate (authors)
-            "double_residual": True,
-            "frozen_dropout": True,
+            # Authors' bugs 2 and 3 fixed by default (method notes 6); true reproduces the authors' code.
+            "double_residual": False,
+            "frozen_dropout": False,
             "use_prompt_sa": True,
         },
         "genes": {

@@ -50,9 +50,9 @@ _TOKENS_BY_NUM_TASKS = {
 class ModalTune(nn.Module):
     """Frozen slide encoder + Modal Adapter + modal tokens. See module docstring and method 2.
 
-    ``frozen_dropout`` (default True = authors): the frozen encoder's dropout and drop-path stay
-    active in training mode; False keeps the frozen encoder in eval mode at all times.
-    ``double_residual`` (default True = authors): see ``modaltune.models.adapter``.
+    ``frozen_dropout`` (config default False = fixed): False keeps the frozen encoder in eval mode at all
+    times; True = the authors' code, whose frozen encoder's dropout and drop-path stay active in training.
+    ``double_residual`` (config default False = fixed; True = the authors'): see ``modaltune.models.adapter``.
     """
 
     objective = "text_kl"
