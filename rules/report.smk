@@ -46,6 +46,12 @@ rule aggregate:
             labels={"table": "paired differences", "cohort": "{cohort}"},
             caption="../report/paired.rst",
         ),
+        common=report(
+            f"{TABLES}/common.csv",
+            category="Tables",
+            labels={"table": "same test patients", "cohort": "{cohort}"},
+            caption="../report/common.rst",
+        ),
         summary_png=report(
             f"{PLOTS}/summary.png",
             category="Tables",

@@ -98,3 +98,45 @@ def test_ood_rows_kept_apart_by_training_cohort(tmp_path):
     summary = aggregate(files, tmp_path / "out").set_index("model")
     assert set(summary.index) == {"modaltune (BRCA)", "modaltune (PAN)"}
     assert summary.loc["modaltune (PAN)", "subtype_bacc_mean"] == pytest.approx(0.7)
+
+
+def _run_with_predictions(root, model, objective, seed, rows):
+    """metrics.json (schema 1) + predictions.parquet of one run; rows = (patient, label, pred, time, event, risk)."""
+    run = root / model / f"seed_{seed}" / "fold_0"
+    run.mkdir(parents=True)
+    test = [r[0] for r in rows]
+    m = {"model": model, "arch": model, "objective": objective, "seed": seed, "fold": 0, "train_cohort": "BRCA",
+         "eval_cohort": "BRCA", "n": {"train": 10, "val": 2, "test": len(test)}, "subtype_bacc": 0.5,
+         "subtype_auroc": None, "survival_cindex": 0.5, "tokens": {}, "per_site": {}, "head": None,
+         "cox": {"converged": True, "penalizer": 0.1, "error": None}, "test_patients": test}
+    (run / "metrics.json").write_text(json.dumps(m))
+    pid, y, pred, t, e, risk = zip(*rows, strict=True)
+    pd.DataFrame({"patient_id": pid, "partition": "test", "site": "BRCA", "label": y, "time": t, "event": e,
+                  "subtype_pred": pred, "subtype_prob_0": [1.0 - p for p in pred], "subtype_prob_1": list(map(float, pred)),
+                  "risk": risk}).to_parquet(run / "predictions.parquet")
+    return str(run / "metrics.json"), str(run / "predictions.parquet")
+
+
+def test_nested_test_sets_are_paired_on_the_common_patients(tmp_path):
+    """Patients without slides kept for an RNA-only model: its test set is a superset. The tables pair the
+    models on the shared patients and show both counts; a wrong call on the extra patient does not count."""
+    shared = [("A", 0, 0, 10.0, 1, 3.0), ("B", 1, 1, 20.0, 1, 2.0), ("C", 1, 1, 30.0, 0, 1.0), ("D", 0, 0, 40.0, 0, 0.5)]
+    extra = ("E", 0, 1, 5.0, 1, 0.0)  # RNA-only model: wrong class and the lowest risk for the earliest death
+    metrics, preds = [], []
+    for s in range(5):
+        for model, objective, rows in (("modaltune", "text_kl", shared), ("snn", "classification", shared + [extra])):
+            f, p = _run_with_predictions(tmp_path / "runs", model, objective, s, rows)
+            metrics.append(f)
+            preds.append(p)
+    aggregate(metrics, tmp_path / "out", prediction_files=preds)  # nested sets: no error
+    common = pd.read_csv(tmp_path / "out/tables/common.csv").set_index("model")
+    assert common.loc["snn", "n_test_mean"] == 5 and common.loc["modaltune", "n_test_mean"] == 4
+    assert (common["n_common_mean"] == 4).all()
+    assert common.loc["snn", "subtype_bacc_mean"] == pytest.approx(1.0)  # E is not among the common patients
+    assert common.loc["modaltune", "survival_cindex_mean"] == pytest.approx(1.0)
+    assert np.isnan(common.loc["snn", "survival_cindex_mean"])  # a classification model is not reported there
+    paired = pd.read_csv(tmp_path / "out/tables/paired.csv")
+    task = paired[(paired["table"] == "task") & (paired["metric"] == "subtype_bacc")].iloc[0]
+    assert task["other"] == "snn" and task["mean_diff"] == pytest.approx(0.0)  # both perfect on A-D
+    md = (tmp_path / "out/tables/summary.md").read_text()
+    assert "## Every model on the same test patients" in md and "Some models were tested on more patients" in md

@@ -275,11 +275,25 @@ def test_complementary_rna_and_slides_each_carry_one_latent():
     assert demo._slide_view(red) == [int(c) for c in red["class"]]
 
 
-def test_complementary_cohort_files(tmp_path):
+def test_complementary_cohort_files(tmp_path, monkeypatch):
+    from modaltune import demo
     from modaltune.demo import make_demo_cohort
 
-    paths = make_demo_cohort(tmp_path / "c", 12, 0, slide_size=(512, 384), workers=1, signal="complementary")
+    seen = {}
+    render = demo._render_slide
+
+    def spy(slide_seed, patient_seed, cls, size, planted=False):
+        seen[tuple(patient_seed)] = (cls, planted)
+        return render(slide_seed, patient_seed, cls, size, planted)
+
+    monkeypatch.setattr(demo, "_render_slide", spy)
+    paths = make_demo_cohort(tmp_path / "c", 40, 0, slide_size=(512, 384), workers=1, signal="complementary")
     truth = pd.read_csv(paths["truth"], sep="\t")
+    # The renderer gets the continuous slide latent (not a truncated int class), and nothing is planted.
+    views = sorted(v for v, _ in seen.values())
+    assert all(isinstance(v, float) for v in views) and len(set(views)) == len(views)
+    assert min(views) < 0 < max(views) and not any(p for _, p in seen.values())
+    assert pd.read_csv(paths["truth_regions"], sep="\t").empty
     assert {"slide_signal", "pathway_signal"} <= set(truth.columns)
     assert ((truth["slide_signal"] + truth["pathway_signal"] > 0).astype(int) == truth["class"]).all()
     with pytest.raises(InputError, match="signal"):

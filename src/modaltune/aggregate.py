@@ -28,6 +28,7 @@ import pandas as pd
 from modaltune import plots
 from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path
+from modaltune.pairing import paired_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ TASK_METRICS = (("subtype", "bacc", "task_subtype_bacc", "balanced accuracy"),
 
 # Every file ``aggregate`` writes under its out_dir (rules/report.smk declares each one).
 TABLE_FILES = ("tables/summary.md", "tables/summary.csv", "tables/summary.html", "tables/subtype.csv",
-               "tables/subtype.md", "tables/survival.csv", "tables/survival.md", "tables/paired.csv")
+               "tables/subtype.md", "tables/survival.csv", "tables/survival.md", "tables/paired.csv",
+               "tables/common.csv")
 PLOT_FILES = ("plots/summary.png", "plots/curves.png", "plots/km.png", "plots/roc.png", "plots/confusion.png",
               "plots/forest_subtype.png", "plots/forest_survival.png", "plots/tiling_qc.png")
 SLIDE_FILES = ("failures.tsv", "throughput.tsv")
@@ -107,16 +109,81 @@ def load_metrics(metrics_files: list[str]) -> pd.DataFrame:
     return df
 
 
-def check_paired(df: pd.DataFrame) -> None:
-    """Every model scored on one (seed, fold, eval_cohort) must see the same test patients."""
+def check_paired(df: pd.DataFrame) -> bool:
+    """Every model scored on one (seed, fold, eval_cohort) must see the same test patients, or nested sets.
+
+    Nested = the test sets of a (seed, fold, cohort) form a chain under inclusion, which is what
+    ``training.keep_slideless_for_non_slide_models`` gives (models without slides also test the patients who
+    have none). Returns True when some sets differ; the common-patients table then pairs the models.
+    Anything else (e.g. two splits files) is an ``InputError``.
+    """
+    differs = False
     for key, grp in df.groupby(["seed", "fold", "eval_cohort"]):
         sets = grp.groupby("test_patients")["file"].apply(list)
-        if len(sets) > 1:
+        if len(sets) < 2:
+            continue
+        chain = sorted((frozenset(t) for t in sets.index), key=len)
+        if any(not a <= b for a, b in zip(chain, chain[1:])):
             files = [v[0] for v in sets.to_numpy()]
             raise InputError(
                 f"seed {key[0]} fold {key[1]} cohort {key[2]}: models were tested on different patients "
                 f"(e.g. {files[:3]}); evaluate every model with the same splits file so comparisons are paired"
             )
+        differs = True
+    return differs
+
+
+def common_patient_runs(df: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
+    """Each run's reported task metrics recomputed on the test patients that every model of its
+    (seed, fold, eval_cohort) has (``pairing.paired_metrics``), with ``n_test`` and ``n_common``.
+
+    Runs without a predictions file are left out. Metrics are pooled over the common patients (no per-site
+    mean for pan-cancer cohorts)."""
+    cols = ["model_id", "seed", "fold", "eval_cohort", "n_test", "n_common",
+            "task_subtype_bacc", "task_survival_cindex"]
+    if preds.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (seed, fold, cohort), g in preds.groupby(["seed", "fold", "eval_cohort"]):
+        by_model = {m: p for m, p in g.groupby("model_id")}
+        scored = paired_metrics(by_model)
+        flags = g.drop_duplicates("model_id").set_index("model_id")
+        for _, r in scored.iterrows():
+            f = flags.loc[r["model"]]
+            rows.append({"model_id": r["model"], "seed": seed, "fold": fold, "eval_cohort": cohort,
+                         "n_test": int(r["n_test"]), "n_common": int(r["n_common"]),
+                         "task_subtype_bacc": _num(r["bacc"]) if f["subtype_reported"] else np.nan,
+                         "task_survival_cindex": _num(r["cindex"]) if f["survival_reported"] else np.nan})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def common_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sample std over runs of the common-patients metrics, per (model, eval_cohort), with the counts."""
+    out = []
+    for (model, cohort), g in runs.groupby(["model_id", "eval_cohort"], sort=True):
+        row = {"model": model, "eval_cohort": cohort, "n_runs": len(g),
+               "n_test_mean": float(g["n_test"].mean()), "n_common_mean": float(g["n_common"].mean())}
+        for col, name in (("task_subtype_bacc", "subtype_bacc"), ("task_survival_cindex", "survival_cindex")):
+            v = g[col].dropna()
+            row.update({f"{name}_n": int(len(v)), f"{name}_mean": float(v.mean()) if len(v) else np.nan,
+                        f"{name}_std": float(v.std(ddof=1)) if len(v) > 1 else np.nan})
+        out.append(row)
+    return pd.DataFrame(out, columns=["model", "eval_cohort", "n_runs", "n_test_mean", "n_common_mean",
+                                      "subtype_bacc_n", "subtype_bacc_mean", "subtype_bacc_std",
+                                      "survival_cindex_n", "survival_cindex_mean", "survival_cindex_std"])
+
+
+def common_markdown(table: pd.DataFrame, differs: bool) -> str:
+    head = ["model", "eval cohort", "test patients (own)", "common test patients", "subtype bal. acc", "C-index"]
+    rows = [[r["model"], r["eval_cohort"], f"{r['n_test_mean']:.1f}", f"{r['n_common_mean']:.1f}",
+             _fmt(r["subtype_bacc_mean"], r["subtype_bacc_std"], r["subtype_bacc_n"]),
+             _fmt(r["survival_cindex_mean"], r["survival_cindex_std"], r["survival_cindex_n"])]
+            for _, r in table.iterrows()]
+    note = ("Some models were tested on more patients (patients without slides kept for the models that read "
+            "none); here every model is scored on the patients all models share, per seed and fold."
+            if differs else "Every model was tested on the same patients.")
+    return "\n".join(_md(head, rows) + ["", note + " Metrics: each model's reported task metric (head or probe), "
+                                        "pooled over the common test patients; mean ± sample std over runs.", ""])
 
 
 def _stats(values: pd.Series, lo: pd.Series, hi: pd.Series) -> dict:
@@ -169,6 +236,15 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
         rows += per_cohort + [overall]
     stat_cols = [f"{key}_{s}" for key, _ in cols for s in ("n", "mean", "std", "ci_lo", "ci_hi")]
     return pd.DataFrame(rows, columns=["model", "arch", "source", "eval_cohort", "n_runs", *stat_cols])
+
+
+def with_common_task_metrics(df: pd.DataFrame, common_runs: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the task metrics of every run replaced by its common-patients values (so that the paired
+    task differences compare models on the same patients); runs without predictions get NaN."""
+    key = ["model_id", "seed", "fold", "eval_cohort"]
+    cols = ["task_subtype_bacc", "task_survival_cindex"]
+    out = df.drop(columns=cols).merge(common_runs[key + cols], on=key, how="left")
+    return out
 
 
 def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
@@ -272,9 +348,12 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(_md(head, rows) + ["", "Mean ± sample std (ddof=1) over folds × seeds; n = runs with a value."])
 
 
-def summary_markdown(summary: pd.DataFrame, subtype: pd.DataFrame, survival: pd.DataFrame) -> str:
-    return ("## Task tables\n\n" + task_markdown(subtype, survival)
-            + "\n## Linear probes of every embedding on every task\n\n" + markdown_table(summary) + "\n")
+def summary_markdown(summary: pd.DataFrame, subtype: pd.DataFrame, survival: pd.DataFrame,
+                     common: str | None = None) -> str:
+    out = "## Task tables\n\n" + task_markdown(subtype, survival)
+    if common:
+        out += "\n## Every model on the same test patients\n\n" + common
+    return out + "\n## Linear probes of every embedding on every task\n\n" + markdown_table(summary) + "\n"
 
 
 def summary_html(summary: pd.DataFrame, subtype: pd.DataFrame, survival: pd.DataFrame) -> str:
@@ -403,22 +482,27 @@ def aggregate(metrics_files: list[str], out_dir, *, feature_files: list[str] | N
     """Write TABLE_FILES and PLOT_FILES (and, given feature files, SLIDE_FILES) under ``out_dir``;
     return the probe summary table.
 
-    Raises ``InputError`` when two models' metrics for one (seed, fold, eval_cohort) list different test
-    patients: comparisons must be paired by construction.
+    Raises ``InputError`` when two models' metrics for one (seed, fold, eval_cohort) list different, not
+    nested, test patients. Nested sets (patients without slides kept for the models that read none) are
+    paired on their intersection: ``tables/common.csv`` and the task rows of ``tables/paired.csv``.
     """
     out_dir = Path(out_dir)
     if not metrics_files:
         raise InputError("aggregate: no metrics files given; run the evaluate rule first")
     df = load_metrics(metrics_files)
-    check_paired(df)
+    differs = check_paired(df)
+    preds = load_predictions(df, list(prediction_files or []))
+    common_runs = common_patient_runs(df, preds)
     summary = summarise(df)
-    paired = paired_comparisons(df)
+    paired = paired_comparisons(with_common_task_metrics(df, common_runs) if differs else df)
     subtype, survival = write_task_tables(df, out_dir)
+    common = common_table(common_runs)
+    common_md = common_markdown(common, differs) if not common.empty else None
     _write_csv(summary, out_dir / "tables" / "summary.csv")
-    _write_text(summary_markdown(summary, subtype, survival), out_dir / "tables" / "summary.md")
+    _write_text(summary_markdown(summary, subtype, survival, common_md), out_dir / "tables" / "summary.md")
     _write_text(summary_html(summary, subtype, survival), out_dir / "tables" / "summary.html")
     _write_csv(paired, out_dir / "tables" / "paired.csv")
-    preds = load_predictions(df, list(prediction_files or []))
+    _write_csv(common, out_dir / "tables" / "common.csv")
     plots.plot_summary(summary, out_dir / "plots" / "summary.png")
     plots.plot_training_curves(list(history_files or []), out_dir / "plots" / "curves.png")
     plots.plot_kaplan_meier(preds, out_dir / "plots" / "km.png")
@@ -438,5 +522,6 @@ def aggregate(metrics_files: list[str], out_dir, *, feature_files: list[str] | N
     return summary
 
 
-__all__ = ["PLOT_FILES", "SLIDE_FILES", "TABLE_FILES", "aggregate", "check_paired", "comparison_tables",
+__all__ = ["PLOT_FILES", "SLIDE_FILES", "TABLE_FILES", "aggregate", "check_paired", "common_patient_runs",
+           "common_table", "comparison_tables", "with_common_task_metrics",
            "load_metrics", "paired_comparisons", "qc_thumbnails", "slide_tables", "summarise", "task_block", "task_table"]

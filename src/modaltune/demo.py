@@ -719,7 +719,7 @@ def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size
     ``workers`` (slide-writing processes, default min(2, CPUs)) exist for tests and small machines.
     ``planted_fraction``: share of class-1 patients whose first slide carries the class look only in a
     planted box (``truth_regions.tsv``: slide_id, patient_id, x0, y0, x1, y1 in level-0 px, x1/y1
-    exclusive); 0 plants nothing.
+    exclusive); 0 plants nothing, and so does the complementary signal.
     ``signal``: "redundant" (default: class in slides and RNA alike) or "complementary" (see
     ``complementary_layout``: class and hazard need the slide signal and the pathway signal together).
     """
@@ -741,15 +741,18 @@ def make_demo_cohort(out_dir, n_patients: int = 40, seed: int = 0, *, slide_size
                                        *[c for c in _COMPLEMENT_COLUMNS if c in layout]]].round({"risk": 6, **{c: 6 for c in _COMPLEMENT_COLUMNS}}))
 
     pidx = {p: i for i, p in enumerate(layout["patient_id"])}
+    # int class (redundant) or float position on the phenotype axis (complementary): passed on as is.
     cls = dict(zip(layout["patient_id"], _slide_view(layout), strict=True))
-    planted = set(planted_slides(layout, seed, planted_fraction))
+    # Planting draws the class-0 look around a class-1 box; with a continuous slide latent that would
+    # overwrite the patient's slide signal, so the complementary demo plants nothing.
+    planted = set(planted_slides(layout, seed, planted_fraction)) if "slide_signal" not in layout else set()
     jobs, regions = [], []
     for row in sheet.itertuples():
         i = pidx[row.patient_id]
         j = int(row.slide_id[-1]) - 1
         slide_seed = [int(seed), _NS_SLIDE, i, j]
         jobs.append((str(out / row.path), slide_seed, [int(seed), _NS_PATIENT, i],
-                     int(cls[row.patient_id]), tuple(slide_size), row.slide_id in planted))
+                     cls[row.patient_id], tuple(slide_size), row.slide_id in planted))
         if row.slide_id in planted:
             regions.append((row.slide_id, row.patient_id, *plant_box(slide_seed, tuple(slide_size))))
     _write_tsv(paths["truth_regions"], pd.DataFrame(regions, columns=["slide_id", "patient_id", "x0", "y0", "x1",
