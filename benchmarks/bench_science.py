@@ -17,6 +17,11 @@ probe fitted on train embeddings and scored on the same test patients for every 
 
     python benchmarks/bench_science.py --workdir WORKDIR --out benchmarks/results/science.md
     python benchmarks/bench_science.py --workdir WORKDIR --analyze-only   # tables from a finished run
+    python benchmarks/bench_science.py --workdir WORKDIR_NULL --null --seeds 0   # the null control
+
+``--null``: the same cohort with the clinical label fields (diagnosis and survival) permuted across cases
+(slides and RNA untouched), so nothing can be learned; every model's mean metric must then have a 95 %
+t-interval over its (seed, fold) runs that contains 0.5.
 """
 
 from __future__ import annotations
@@ -43,6 +48,23 @@ MODALITIES = {
 }
 MULTIMODAL = ("modaltune", "abmil_cat")
 TASKS = {"subtype": "subtype_bacc", "survival": "survival_cindex"}
+# GDC clinical fields that carry the labels (subtype: diagnosis; survival: vital status and times).
+LABEL_FIELDS = ("primary_diagnosis", "morphology", "icd_10_code", "vital_status", "days_to_death",
+                "days_to_last_follow_up", "year_of_death", "cause_of_death")
+
+
+def permute_labels(clinical_tsv: Path, seed: int = 0) -> None:
+    """Permute the label fields of the GDC clinical table across cases, in place (one row per case moves as
+    a whole: every row of case A gets the label fields of the first row of case pi(A))."""
+    df = pd.read_csv(clinical_tsv, sep="\t", dtype=str, keep_default_na=False)
+    cases = df["case_submitter_id"].drop_duplicates().to_numpy()
+    rng = np.random.default_rng(seed)
+    donor = dict(zip(cases, cases[rng.permutation(len(cases))], strict=True))
+    first = df.drop_duplicates("case_submitter_id").set_index("case_submitter_id")
+    fields = [c for c in LABEL_FIELDS if c in df.columns]
+    for col in fields:
+        df[col] = [first.at[donor[c], col] for c in df["case_submitter_id"]]
+    df.to_csv(clinical_tsv, sep="\t", index=False)
 
 
 def build_config(cohort_dir: Path, args) -> dict:
@@ -79,6 +101,8 @@ def prepare(workdir: Path, args) -> Path:
     if not (cohort_dir / "cohort_sheet.tsv").exists():  # the sheet is written last: present = complete
         make_demo_cohort(cohort_dir, n_patients=int(args.n_patients), seed=int(args.data_seed),
                          signal="complementary", slide_size=tuple(args.slide_size))
+        if args.null:
+            permute_labels(cohort_dir / "clinical" / "clinical.tsv", seed=int(args.data_seed))
     cfg = workdir / "science_config.yaml"
     cfg.write_text(yaml.safe_dump(build_config(cohort_dir.resolve(), args), sort_keys=False))
     return cfg
@@ -106,29 +130,38 @@ def collect(workdir: Path) -> pd.DataFrame:
     rows = []
     for p in sorted((workdir / "results" / "science" / "runs").glob("*/seed_*/fold_*/metrics.json")):
         m = json.loads(p.read_text())
+        # The model's reported task metric (its head, or the probe for text_kl / probe-only models).
+        task = {f"{t}_task": (m.get(t) or {}).get(k.split("_", 1)[1]) if (m.get(t) or {}).get("reported") else None
+                for t, k in TASKS.items()}
         rows.append({"model": m["model"], "seed": int(m["seed"]), "fold": int(m["fold"]),
-                     **{t: m.get(k) for t, k in TASKS.items()}, "n_test": m["n"]["test"],
+                     **{t: m.get(k) for t, k in TASKS.items()}, **task, "n_test": m["n"]["test"],
                      "test_patients": tuple(m.get("test_patients") or ())})
     if not rows:
         raise SystemExit(f"no metrics.json under {workdir}/results/science/runs; run the workflow first")
     return pd.DataFrame(rows)
 
 
-def paired_tests(df: pd.DataFrame, multimodal=MULTIMODAL) -> tuple[pd.DataFrame, list[dict]]:
+def paired_tests(df: pd.DataFrame, multimodal=MULTIMODAL, suffix: str = "") -> tuple[pd.DataFrame, list[dict]]:
     """Mean +- std per model and task; one-sided Wilcoxon of each multimodal model vs the best single-modality
-    baseline, paired on (seed, fold) (both runs evaluated on the same test patients)."""
+    baseline, paired on (seed, fold) (both runs evaluated on the same test patients).
+
+    ``suffix`` "" = the linear-probe headline metrics (the check); "_task" = each model's reported task
+    metric (models not reported on a task drop out of that task's comparison)."""
     from scipy.stats import wilcoxon
 
+    df = df.drop(columns=list(TASKS)).rename(columns={f"{t}{suffix}": t for t in TASKS}) if suffix else df
+    df = df.astype({t: float for t in TASKS})
     table = df.groupby("model")[list(TASKS)].agg(["mean", "std", "count"])
     single = [m for m in table.index if MODALITIES.get(m) in ("slides", "rna")]
     tests = []
     for task in TASKS:
         means = table[(task, "mean")]
-        if not single:
-            break
-        best = max(single, key=lambda m: means[m])
+        cands = [m for m in single if np.isfinite(means[m])]
+        if not cands:
+            continue
+        best = max(cands, key=lambda m: means[m])
         b = df[df["model"] == best].set_index(["seed", "fold"])
-        for mm in [m for m in multimodal if m in table.index]:
+        for mm in [m for m in multimodal if m in table.index and np.isfinite(means[m])]:
             a = df[df["model"] == mm].set_index(["seed", "fold"])
             keys = sorted(set(a.index) & set(b.index))
             same = all(a.at[k, "test_patients"] == b.at[k, "test_patients"] for k in keys)
@@ -142,10 +175,42 @@ def paired_tests(df: pd.DataFrame, multimodal=MULTIMODAL) -> tuple[pd.DataFrame,
     return table, tests
 
 
-def render(table: pd.DataFrame, tests: list[dict], header: str) -> str:
-    lines = [header, "", "| model | inputs | subtype bal. acc. | survival C-index | runs |", "|---|---|---|---|---|"]
+def _cell(table, m, t) -> str:
+    mean, std = table.at[m, (t, "mean")], table.at[m, (t, "std")]
+    return "–" if not np.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def null_tests(df: pd.DataFrame) -> list[dict]:
+    """Per model and task: mean over (seed, fold) runs and its 95 % t-interval; pass = it contains 0.5."""
+    from scipy import stats
+
+    out = []
+    for (model, g) in df.groupby("model"):
+        for task in TASKS:
+            v = g[task].dropna().astype(float).to_numpy()
+            if len(v) < 2:
+                continue
+            half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+            lo, hi = float(v.mean() - half), float(v.mean() + half)
+            out.append({"model": model, "task": task, "runs": len(v), "mean": float(v.mean()), "lo": lo, "hi": hi,
+                        "pass": bool(lo <= 0.5 <= hi)})
+    return out
+
+
+def render_null(tests: list[dict], header: str) -> str:
+    lines = [header, "", "Null control: labels permuted across patients; mean over (seed, fold) runs with its 95 % "
+             "t-interval (linear probes, as the check).", "",
+             "| model | task | runs | mean | 95 % t-interval | contains 0.5 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t['model']} | {t['task']} | {t['runs']} | {t['mean']:.3f} | [{t['lo']:.3f}, {t['hi']:.3f}] | "
+              f"{'yes' if t['pass'] else 'no'} |" for t in tests]
+    return "\n".join(lines) + "\n"
+
+
+def render(table: pd.DataFrame, tests: list[dict], header: str, title: str = "") -> str:
+    lines = [header, "", *([title, ""] if title else []),
+             "| model | inputs | subtype bal. acc. | survival C-index | runs |", "|---|---|---|---|---|"]
     for m in table.index:
-        cells = [f"{table.at[m, (t, 'mean')]:.3f} ± {table.at[m, (t, 'std')]:.3f}" for t in TASKS]
+        cells = [_cell(table, m, t) for t in TASKS]
         lines.append(f"| {m} | {MODALITIES.get(m, '?')} | {cells[0]} | {cells[1]} | {int(table.at[m, ('subtype', 'count')])} |")
     lines += ["", "Paired one-sided Wilcoxon signed-rank test over (seed, fold), multimodal > best single modality:",
               "", "| task | model | best single-modality baseline | pairs | wins | mean diff | p | p < 0.05 |",
@@ -169,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slide-size", type=int, nargs=2, default=[4096, 3072])
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--analyze-only", action="store_true")
+    ap.add_argument("--null", action="store_true", help="the null control: label fields permuted across cases")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (Markdown) here")
     args = ap.parse_args(argv)
     if args.n_patients < 120 and not args.analyze_only:
@@ -178,15 +244,28 @@ def main(argv=None) -> int:
         cfg = prepare(args.workdir, args)
         wall = run_workflow(args.workdir, cfg, args)
     df = collect(args.workdir)
+    if args.null:
+        tests = null_tests(df)
+        text = render_null(tests, f"Null control: {df['model'].nunique()} models, {len(df)} runs"
+                           + (f"; workflow wall time {wall / 60:.1f} min" if wall else ""))
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+        return 0 if tests and all(t["pass"] for t in tests) else 1
     table, tests = paired_tests(df)
+    task_table, task_tests = paired_tests(df, suffix="_task")
     header = (f"Complementary-signal science check: {df['model'].nunique()} models, "
               f"{df.groupby('model').size().min()}-{df.groupby('model').size().max()} (seed, fold) runs per model "
               f"(tests use the pairs both models have), "
               f"{int(df['n_test'].median())} test patients per fold (median)"
               + (f"; workflow wall time {wall / 60:.1f} min" if wall else ""))
-    text = render(table, tests, header)
+    text = render(table, tests, header, "The check: linear probes on every model's embedding (same probe for all).")
+    text += "\n" + render(task_table, task_tests, "",
+                          "Secondary (not the check): each model's reported task metric, head or probe "
+                          "(a model trained for one task is missing from the other).")
     print(text)
-    print(json.dumps(tests, indent=1))
+    print(json.dumps({"check": tests, "task_metrics": task_tests}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from modaltune.errors import InputError
-from modaltune.probes import harrell_c
+from modaltune.probes import bootstrap_weights, harrell_c, percentile_ci
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -58,8 +58,9 @@ def bootstrap_ci(stat: Callable[..., float | None], *arrays, n_boot: int = 1000,
                  level: float = 0.95) -> list[float] | None:
     """Percentile CI of ``stat(*arrays)`` over rows resampled with replacement (all arrays alike).
 
-    Resamples on which the statistic is undefined (None/NaN, e.g. one class drawn) are skipped; None when
-    fewer than half of them are defined or ``n_boot`` is 0.
+    The resamples and the percentile rule are the evaluator's (``probes.bootstrap_weights``,
+    ``probes.percentile_ci``); this variant takes any statistic. Resamples on which it is undefined
+    (None/NaN, e.g. one class drawn) are skipped; None when fewer than half are defined or ``n_boot`` is 0.
     """
     if n_boot <= 0:
         return None
@@ -67,18 +68,14 @@ def bootstrap_ci(stat: Callable[..., float | None], *arrays, n_boot: int = 1000,
     n = len(arrays[0])
     if n == 0 or any(len(a) != n for a in arrays):
         raise InputError(f"bootstrap_ci: arrays must have the same non-zero length, got {[len(a) for a in arrays]}")
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(int(n_boot)):
-        idx = rng.integers(0, n, n)
+    rows = np.arange(n)
+    vals = np.full(int(n_boot), np.nan)
+    for b, w in enumerate(bootstrap_weights(n, int(n_boot), seed)):
+        idx = np.repeat(rows, w.astype(np.int64))
         v = stat(*(a[idx] for a in arrays))
-        if v is not None and np.isfinite(v):
-            vals.append(v)
-    if len(vals) < n_boot / 2:
-        return None
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(vals, [alpha, 1.0 - alpha])
-    return [float(lo), float(hi)]
+        if v is not None:
+            vals[b] = v
+    return percentile_ci(vals, level)
 
 
 # ------------------------------------------------------------------------------------------------ pairing
