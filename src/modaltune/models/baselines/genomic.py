@@ -91,22 +91,22 @@ class MixerPool(nn.Module):
         return self.norm(self.mixer(genes).mean(dim=1))
 
 
-def mlp_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> GeneBaseline:
+def _vector_model(name: str, make_encoder, cfg: dict, dims: ModelDims, objective: str) -> GeneBaseline:
+    """MLP / S-MLP: one encoder over the whole gene vector (``make_encoder(n_genes, hidden, dropout)``)."""
     check_keys(cfg, {"hidden", "dropout", "head_hidden"})
-    _need_genes(dims, "mlp")
-    c = arch_config("mlp", cfg)
+    _need_genes(dims, name)
+    c = arch_config(name, cfg)
     hidden = _hidden(c)
-    enc = mlp_encoder(dims.n_genes, hidden, float(c["dropout"]))
+    enc = make_encoder(dims.n_genes, hidden, float(c["dropout"]))
     return GeneBaseline(enc, hidden[-1], objective, dims, c["head_hidden"])
+
+
+def mlp_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> GeneBaseline:
+    return _vector_model("mlp", mlp_encoder, cfg, dims, objective)
 
 
 def snn_from_cfg(cfg: dict, dims: ModelDims, objective: str) -> GeneBaseline:
-    check_keys(cfg, {"hidden", "dropout", "head_hidden"})
-    _need_genes(dims, "snn")
-    c = arch_config("snn", cfg)
-    hidden = _hidden(c)
-    enc = snn_encoder(dims.n_genes, hidden, float(c["dropout"]))
-    return GeneBaseline(enc, hidden[-1], objective, dims, c["head_hidden"])
+    return _vector_model("snn", snn_encoder, cfg, dims, objective)
 
 
 _MIXER_KEYS = {"latent_dim", "depth", "token_expansion", "channel_expansion", "dropout", "out_dim"}
