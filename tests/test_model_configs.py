@@ -321,3 +321,21 @@ def test_configs_module_is_torch_free():
     code = "import sys, modaltune.models.configs; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ,
                                                                   "PYTHONPATH": str(ROOT / "src")})
+
+
+def test_training_max_patches_auto_follows_the_slide_encoder():
+    """method 3.3: the authors subsample 25,000 patches for Prov-GigaPath and 15,000 for TITAN."""
+    from modaltune.models.configs import train_max_patches
+
+    assert train_max_patches("modaltune", {}, "auto") == 25000
+    assert train_max_patches("modaltune", {"backbone": {"type": "titan"}}, "auto") == 15000
+    assert train_max_patches("slide_encoder_tuned", {"backbone": {"type": "titan"}}, "auto") == 15000
+    assert train_max_patches("late_fusion", {"slide_side": "slide_encoder",
+                                             "slide": {"backbone": {"type": "titan"}}}, "auto") == 15000
+    assert train_max_patches("abmil", {}, "auto") == 25000
+    assert train_max_patches("modaltune", {"backbone": {"type": "titan"}}, 1234) == 1234  # a number wins
+    assert train_max_patches("modaltune", {}, None) is None
+    for ok in ("auto", None, 5):
+        validate(_merged({"training": {"max_patches": ok}}), SCHEMA, set_default=False)
+    with pytest.raises(WorkflowError):
+        validate(_merged({"training": {"max_patches": "all"}}), SCHEMA, set_default=False)

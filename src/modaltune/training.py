@@ -28,6 +28,7 @@ from modaltune.errors import InputError
 from modaltune.io_utils import atomic_path, file_sha256
 from modaltune.losses import classification_loss, discrete_survival_nll, risk_from_hazards, text_kl_loss
 from modaltune.models import ModelDims, positional_grid
+from modaltune.models.configs import train_max_patches
 from modaltune.probes import class_metrics, harrell_c, mean_or_none, probe_sites, site_groups
 from modaltune.runs import (
     amp_settings,
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 # (tests/test_training.py::test_train_defaults_equal_schema_defaults keeps the two equal).
 TRAIN_DEFAULTS = {
     "epochs": 15, "lr": 1e-4, "weight_decay": 5e-4, "warmup_epochs": 10, "warmup_start_factor": 1 / 20,
-    "grad_accum": 1, "batch_size": 1, "max_patches": 25000, "num_workers": 0, "device": "auto",
+    "grad_accum": 1, "batch_size": 1, "max_patches": "auto", "num_workers": 0, "device": "auto",
     "precision": "auto", "selection": "auto", "schedule": "ours", "val_cindex": True, "kl_weight": 10.0,
     "kl_tau": 1.0, "coords_space": "target", "slide_gap": 1500, "projector_dim": 256, "n_bins": 4,
     "surv_alpha": 0.0, "probe_penalizer": 0.1,
@@ -315,7 +316,8 @@ def train_run(*, model_name: str, model_cfg: dict, train_cfg: dict, cases_path, 
     ngrids, tile = positional_grid(model_cfg.get("arch", model_name), model_cfg)
     view = dict(gene_scaler=gene_scaler, covariate_state=cov_state, coords_space=cfg["coords_space"],
                 slide_gap=cfg["slide_gap"], seed=int(seed), grid_ngrids=ngrids, grid_tile=tile)
-    ds_train = data.dataset(["train"], max_patches=cfg["max_patches"], train=True, **view)
+    max_patches = train_max_patches(model_cfg.get("arch", model_name), model_cfg, cfg["max_patches"])
+    ds_train = data.dataset(["train"], max_patches=max_patches, train=True, **view)
     ds_probe = data.dataset(["train"], max_patches=None, train=False, use_text=False, **view)
     ds_val = data.dataset(["val"], max_patches=None, train=False, **view)
     n_classes = task_classes(cases, where=f"cases {cases_path}" if not isinstance(cases_path, pd.DataFrame)

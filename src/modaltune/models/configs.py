@@ -222,18 +222,38 @@ def tile_size_for(kind: str, coords_space: str, patch_size: int, target_mpp: flo
     return int(patch_size)
 
 
+def _slide_backbone(arch: str, cfg: dict) -> dict | None:
+    """The resolved slide-encoder block of a model (raw or resolved config); None without a slide encoder."""
+    if arch in SLIDE_ENCODER_ARCHS:
+        return backbone_config(cfg.get("backbone"))
+    if arch == "late_fusion" and cfg.get("slide_side", "abmil") == "slide_encoder":
+        return backbone_config((cfg.get("slide") or {}).get("backbone"))
+    return None
+
+
 def backbone_grid(arch: str, cfg: dict | None) -> tuple[int | None, int]:
     """(slide_ngrids, tile_size) of the slide encoder in a model block (raw or resolved), read against the
     defaults of its encoder type; (None, 256) for models without a slide encoder (positions unused)."""
     cfg = dict(cfg or {})
-    if arch in SLIDE_ENCODER_ARCHS:
-        b = backbone_config(cfg.get("backbone"))
-    elif arch == "late_fusion" and cfg.get("slide_side", "abmil") == "slide_encoder":
-        b = backbone_config((cfg.get("slide") or {}).get("backbone"))
-    else:
+    b = _slide_backbone(arch, cfg)
+    if b is None:
         return None, int(cfg.get("tile_size", longnet_backbone()["tile_size"]))
     ngrids = b.get("slide_ngrids")
     return (None if ngrids is None else int(ngrids)), int(b["tile_size"])
+
+
+# Patches per patient in training (method 3.3): the authors' random-subset thresholds per slide encoder.
+TRAIN_MAX_PATCHES = {"longnet": 25000, "titan": 15000}
+
+
+def train_max_patches(arch: str, cfg: dict | None, setting) -> int | None:
+    """``training.max_patches`` resolved for one model: a number (or null = every patch) as given; "auto" =
+    the authors' threshold for its slide encoder type (25,000 Prov-GigaPath, 15,000 TITAN), 25,000 for
+    models without a slide encoder."""
+    if setting != "auto":
+        return None if setting is None else int(setting)
+    b = _slide_backbone(arch, dict(cfg or {}))
+    return TRAIN_MAX_PATCHES["longnet" if b is None else b.get("type", "longnet")]
 
 
 def is_demo_cohort(config: dict, cohort: str | None) -> bool:
@@ -300,5 +320,6 @@ __all__ = [
     "ARCH_DEFAULTS", "BACKBONE_TYPES", "backbone_grid", "GIGAPATH_DILATED_RATIOS", "GIGAPATH_SEGMENT_LENGTHS",
     "SLIDE_ENCODER_ARCHS", "SURVPATH_VARIANTS", "arch_config", "backbone_config", "backbone_defaults",
     "demo_config", "is_demo_cohort", "longnet_backbone", "merge_config", "model_config", "modaltune_config",
-    "modaltune_defaults", "paper_config", "tile_size_for", "titan_backbone", "titan_config",
+    "modaltune_defaults", "paper_config", "tile_size_for", "titan_backbone", "titan_config", "TRAIN_MAX_PATCHES",
+    "train_max_patches",
 ]
