@@ -83,9 +83,21 @@ def build_config(cohort_dir: Path, args) -> dict:
         "seeds": [int(s) for s in args.seeds],
         "training": {"epochs": int(args.epochs), "warmup_epochs": int(args.warmup_epochs), "val_cindex": False},
         "sharding": {"slides_per_job": 64},
-        # Small enough for a 2-core machine: the demo ModalTune block with a 3-layer slide encoder.
-        "models": {"modaltune": {"backbone": {"depth": 3, "interaction_indexes": [[0, 0], [1, 1], [2, 2]]}}},
+        "models": bench_models(args.models),
     }
+
+
+def bench_models(models) -> dict:
+    """Small enough for a 2-core machine: every model at its demo width (config.yaml demo_models, which a
+    non-demo cohort would not get: it trains at paper size), ModalTune with a 3-layer slide encoder."""
+    from modaltune.models.configs import merge_config
+
+    demo = yaml.safe_load((ROOT / "config" / "config.yaml").read_text()).get("demo_models") or {}
+    out = {m: dict(demo[m]) for m in models if m in demo}
+    if "modaltune" in out:
+        out["modaltune"] = merge_config({"backbone": {"depth": 3, "interaction_indexes": [[0, 0], [1, 1], [2, 2]]}},
+                                        out["modaltune"])
+    return out
 
 
 def prepare(workdir: Path, args) -> Path:
