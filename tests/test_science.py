@@ -540,3 +540,75 @@ def test_same_config_and_seed_give_identical_metrics_json(tmp_path, monkeypatch)
     for model in ("abmil", "snn"):
         assert texts["a", model] == texts["b", model], model
         assert texts["a", model] != texts["c", model], model
+
+
+# ------------------------------------------------------------------------ bench_science's analysis
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_science", ROOT / "benchmarks" / "bench_science.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench_runs(values: dict, tp=("A", "B")) -> pd.DataFrame:
+    rows = []
+    for model, (sub, surv) in values.items():
+        for i, (a, b) in enumerate(zip(sub, surv, strict=True)):
+            rows.append({"model": model, "seed": i // 5, "fold": i % 5, "subtype": a, "survival": b,
+                         "subtype_task": a, "survival_task": None, "n_test": 2, "test_patients": tp})
+    return pd.DataFrame(rows)
+
+
+def test_bench_science_paired_test_passes_only_on_a_consistent_win():
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    base = 0.6 + 0.05 * rng.standard_normal(15)
+    df = _bench_runs({"abmil": (base, base), "snn": (base - 0.1, base - 0.1),
+                      "modaltune": (base + 0.05 + 0.01 * rng.random(15), base + 0.05 + 0.01 * rng.random(15)),
+                      "abmil_cat": (base + 0.01 * rng.standard_normal(15), base - 0.2)})
+    _, tests = bench.paired_tests(df)
+    res = {(t["task"], t["model"]): t for t in tests}
+    assert res[("subtype", "modaltune")]["pass"] and res[("subtype", "modaltune")]["baseline"] == "abmil"
+    assert res[("survival", "modaltune")]["pass"]
+    assert not res[("subtype", "abmil_cat")]["pass"]  # no better than the best single modality
+    assert not res[("survival", "abmil_cat")]["pass"] and res[("survival", "abmil_cat")]["mean_diff"] < 0
+    # Secondary table: models without a reported value on a task drop out instead of failing the test.
+    _, task_tests = bench.paired_tests(df, suffix="_task")
+    assert {t["task"] for t in task_tests} == {"subtype"}
+
+
+def test_bench_science_null_control_and_label_permutation(tmp_path):
+    bench = _bench()
+    rng = np.random.default_rng(1)
+    chance = 0.5 + 0.05 * rng.standard_normal(15)
+    out = {(t["model"], t["task"]): t["pass"] for t in bench.null_tests(_bench_runs(
+        {"abmil": (chance, chance), "modaltune": (chance + 0.3, chance)}))}
+    assert out[("abmil", "subtype")] and out[("abmil", "survival")] and out[("modaltune", "survival")]
+    assert not out[("modaltune", "subtype")]  # learned something from permuted labels: the control fails
+    # The permutation moves whole cases' label fields and nothing else.
+    clin = pd.DataFrame({"case_submitter_id": ["P1", "P1", "P2", "P3", "P4"],
+                         "primary_diagnosis": ["d1", "d1", "d2", "d3", "d4"],
+                         "vital_status": ["Dead", "Dead", "Alive", "Dead", "Alive"],
+                         "days_to_death": ["10", "10", "'--", "30", "'--"], "gender": ["f", "f", "m", "f", "m"]})
+    path = tmp_path / "clinical.tsv"
+    clin.to_csv(path, sep="\t", index=False)
+    bench.permute_labels(path, seed=3)
+    new = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    assert new["case_submitter_id"].tolist() == clin["case_submitter_id"].tolist()
+    assert new["gender"].tolist() == clin["gender"].tolist()
+    assert new.loc[0, "primary_diagnosis"] == new.loc[1, "primary_diagnosis"]  # one case keeps one label
+    assert sorted(new.drop_duplicates("case_submitter_id")["primary_diagnosis"]) == ["d1", "d2", "d3", "d4"]
+    assert new["primary_diagnosis"].tolist() != clin["primary_diagnosis"].tolist()
+    pairs = {(d, v, t) for d, v, t in zip(new["primary_diagnosis"], new["vital_status"], new["days_to_death"],
+                                          strict=True)}
+    assert pairs <= set(zip(clin["primary_diagnosis"], clin["vital_status"], clin["days_to_death"], strict=True))
+
+
+def test_bench_science_models_run_at_demo_width():
+    bench = _bench()
+    demo = yaml.safe_load((ROOT / "config/config.yaml").read_text())["demo_models"]
+    m = bench.bench_models(["modaltune", "abmil", "snn"])
+    assert m["abmil"] == demo["abmil"] and m["snn"] == demo["snn"]
+    assert m["modaltune"]["backbone"]["depth"] == 3 and m["modaltune"]["backbone"]["embed_dim"] == 64
