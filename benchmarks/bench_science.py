@@ -223,7 +223,7 @@ def render(table: pd.DataFrame, tests: list[dict], header: str, title: str = "")
              "| model | inputs | subtype bal. acc. | survival C-index | runs |", "|---|---|---|---|---|"]
     for m in table.index:
         cells = [_cell(table, m, t) for t in TASKS]
-        lines.append(f"| {m} | {MODALITIES.get(m, '?')} | {cells[0]} | {cells[1]} | {int(table.at[m, ('subtype', 'count')])} |")
+        lines.append(f"| {m} | {MODALITIES.get(m, '?')} | {cells[0]} | {cells[1]} | {int(max(table.at[m, (t, 'count')] for t in TASKS))} |")
     lines += ["", "Paired one-sided Wilcoxon signed-rank test over (seed, fold), multimodal > best single modality:",
               "", "| task | model | best single-modality baseline | pairs | wins | mean diff | p | p < 0.05 |",
               "|---|---|---|---|---|---|---|---|"]
