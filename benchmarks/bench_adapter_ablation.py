@@ -81,8 +81,8 @@ def constant_floor(text_h5: Path, prompt_index, projector_dim: int, seed: int, k
 
 def main(argv=None) -> int:
     import torch
-
     from bench_science import bench_models
+
     from modaltune.evaluation import evaluate_run
     from modaltune.shards import expand_feature_inputs
     from modaltune.training import train_run

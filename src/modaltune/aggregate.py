@@ -123,7 +123,7 @@ def check_paired(df: pd.DataFrame) -> bool:
         if len(sets) < 2:
             continue
         chain = sorted((frozenset(t) for t in sets.index), key=len)
-        if any(not a <= b for a, b in zip(chain, chain[1:])):
+        if any(not a <= b for a, b in zip(chain[:-1], chain[1:], strict=True)):
             files = [v[0] for v in sets.to_numpy()]
             raise InputError(
                 f"seed {key[0]} fold {key[1]} cohort {key[2]}: models were tested on different patients "
