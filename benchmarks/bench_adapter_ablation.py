@@ -40,26 +40,14 @@ SETTINGS = {  # name -> (double_residual, frozen_dropout)
 }
 
 
-def latent_r2(emb_npz: Path, truth: pd.DataFrame) -> list[dict]:
-    """Held-out R^2 of s and g from each token of a run's embeddings.npz (ridge, alpha by CV on train)."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.metrics import r2_score
+def token_r2(emb_npz: Path, truth: pd.DataFrame) -> list[dict]:
+    """bench_science.latent_r2 of s and g from each token of a run's embeddings.npz."""
+    from bench_science import LATENTS, latent_r2
 
     z = np.load(emb_npz)
-    ids, part, emb = z["patient_id"], z["partition"], z["embedding"]
-    emb = emb if emb.ndim == 3 else emb[:, None]
-    t = truth.loc[ids]
-    tr, te = part == "train", part == "test"
-    out = []
-    for k in range(emb.shape[1]):
-        x = emb[:, k]
-        x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-8)
-        row = {"token": k}
-        for lat in ("slide_signal", "pathway_signal"):
-            m = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(x[tr], t[lat].to_numpy()[tr])
-            row[lat] = float(r2_score(t[lat].to_numpy()[te], m.predict(x[te])))
-        out.append(row)
-    return out
+    emb = z["embedding"] if z["embedding"].ndim == 3 else z["embedding"][:, None]
+    lat = truth.loc[z["patient_id"], list(LATENTS)]
+    return [{"token": k, **latent_r2(emb[:, k], z["partition"], lat)} for k in range(emb.shape[1])]
 
 
 def constant_floor(text_h5: Path, prompt_index, projector_dim: int, seed: int, kl_weight: float) -> float:
@@ -124,7 +112,7 @@ def main(argv=None) -> int:
                          out_embeddings=str(out / "embeddings.npz"), out_predictions=str(out / "predictions.parquet"),
                          probe_cfg=config.get("probes") or {}, eval_cohort="science", **common)
         hist = pd.read_parquet(out / "history.parquet")
-        r2 = latent_r2(out / "embeddings.npz", truth)
+        r2 = token_r2(out / "embeddings.npz", truth)
         rows.append({"setting": name, "bacc": m["subtype_bacc"], "cindex": m["survival_cindex"],
                      "train_loss_last": float(hist["train_loss"].iloc[-1]), "best_epoch": summary.get("best_epoch"),
                      **{f"r2_{lat[0]}_tok{r['token']}": r[lat] for r in r2 for lat in ("slide_signal", "pathway_signal")}})

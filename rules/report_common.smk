@@ -82,5 +82,6 @@ def n_patients(cohort):
 
 
 def gpu_rules():
-    """Rules holding a GPU (resources: gpu=1): their wall hours are the run's GPU hours."""
-    return sorted(r.name for r in workflow.rules if "gpu" in r.resources.keys())
+    """Rules holding a GPU (resources: gpu >= 1): their wall hours are the run's GPU hours (the embedding
+    rules hold none when features are imported)."""
+    return sorted(r.name for r in workflow.rules if (r.resources.get("gpu") or 0))

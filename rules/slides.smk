@@ -42,7 +42,8 @@ rule embed_patches:
         "../envs/embed.yaml"
     threads: 1
     resources:
-        gpu=1,
+        # import converts existing features on the CPU: no GPU requested then
+        gpu=0 if IMPORTING else 1,
     params:
         embedding=embedding_params,
     script:
@@ -66,7 +67,7 @@ rule slide_shard:
         "../envs/embed.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=0 if IMPORTING else 1,
     params:
         slides=lambda wc: SHEETS[wc.cohort]
         .loc[shard_slides(wc.cohort, wc.shard), ["slide_id", "path", "mpp"]]

@@ -612,3 +612,33 @@ def test_bench_science_models_run_at_demo_width():
     m = bench.bench_models(["modaltune", "abmil", "snn"])
     assert m["abmil"] == demo["abmil"] and m["snn"] == demo["snn"]
     assert m["modaltune"]["backbone"]["depth"] == 3 and m["modaltune"]["backbone"]["embed_dim"] == 64
+
+
+def test_bench_science_variant_differs_only_in_selection():
+    bench = _bench()
+    m = bench.bench_models(["modaltune", "modaltune_sel_loss"])
+    variant = dict(m["modaltune_sel_loss"])
+    assert variant.pop("training") == {"selection": "loss"}
+    assert variant.pop("arch") == "modaltune" and variant.pop("objective") == "text_kl"
+    # Same widths as the bench's ModalTune (the rest comes from config.yaml's models.modaltune on both).
+    assert {k: v for k, v in variant.items() if k != "backbone"} == {k: v for k, v in m["modaltune"].items()
+                                                                      if k != "backbone"}
+    assert {k: variant["backbone"][k] for k in m["modaltune"]["backbone"]} == m["modaltune"]["backbone"]
+    assert bench.MODALITIES["modaltune_sel_loss"] == bench.MODALITIES["modaltune"]
+
+
+def test_bench_science_latent_r2_finds_only_the_carried_latent():
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    n = 200
+    lat = pd.DataFrame({"slide_signal": rng.standard_normal(n), "pathway_signal": rng.standard_normal(n)})
+    noise = rng.standard_normal((n, 8))
+    emb = noise.copy()
+    emb[:, 0] += 3 * lat["slide_signal"].to_numpy()  # the embedding carries s, not g
+    part = np.where(np.arange(n) < 150, "train", "test")
+    r2 = bench.latent_r2(emb, part, lat)
+    assert r2["slide_signal"] > 0.8 and r2["pathway_signal"] < 0.05
+    # Fitted on train only: a test-only signal is not found.
+    emb2 = noise.copy()
+    emb2[150:, 1] += 3 * lat["pathway_signal"].to_numpy()[150:]
+    assert bench.latent_r2(emb2, part, lat)["pathway_signal"] < 0.1

@@ -76,10 +76,12 @@ def test_every_rule_has_log_and_a_stage_env_that_exists():
 
 
 def test_gpu_rules_request_gpu_singular():
-    gpu_rules = {"embed_patches", "text_targets", "train", "evaluate", "evaluate_ood"}
+    gpu_rules = {"text_targets", "train", "evaluate", "evaluate_ood"}
     for _, name, block in _rule_blocks():
         if name in gpu_rules:
             assert re.search(r"resources:\s*\n\s*gpu=1,", block), f"{name} must declare resources: gpu=1"
+        if name in ("embed_patches", "slide_shard"):  # no GPU when features are imported
+            assert re.search(r"resources:\s*\n(\s*#.*\n)*\s*gpu=0 if IMPORTING else 1,", block), name
         assert "gpus=" not in block and "nvidia_gpu" not in block
 
 
@@ -119,8 +121,10 @@ def test_slurm_profile_requests_gpus_with_keys_the_plugin_honours():
     assert prof["executor"] == "slurm"
     assert prof["rerun-triggers"] == ["mtime", "params", "input"]
     assert "software-deployment-method" not in prof and "sdm" not in prof
-    for rule in ("embed_patches", "train", "evaluate"):
+    for rule in ("train", "evaluate"):
         assert prof["set-resources"][rule]["gpu"] == 1
+    # The embedding rules decide themselves (gpu=0 when importing): a profile value would override them.
+    assert "gpu" not in prof["set-resources"]["embed_patches"] and "slide_shard" not in prof["set-resources"]
     assert not re.search(r"^\s*(gpus|nvidia_gpu)\s*:", prof_text, flags=re.M)
     # every key is explained by a comment line right above it or on its line
     lines = prof_text.splitlines()
@@ -142,6 +146,33 @@ def test_dry_run_with_and_without_profile(tmp_path):
     for extra in ([], ["--profile", "profiles/slurm"]):
         res = subprocess.run(SNAKEMAKE + ["-n", "-q"] + extra, cwd=ROOT, capture_output=True, text=True)
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("slides_per_job,rule", [(1, "embed_patches"), (16, "slide_shard")])
+def test_importing_features_requests_no_gpu_through_the_slurm_profile(tmp_path, slides_per_job, rule):
+    """embedding.source: import converts existing features on the CPU: the embedding jobs get gpu=0 under
+    the SLURM profile (sbatch without --gpus), training still gets its GPU; embedding from slides gets one."""
+    from tests.workflow_helpers import SMALL, make_workdir
+
+    imp = tmp_path / "imported"
+    imp.mkdir()
+    (imp / "TCGA-D0-A001-01Z-00-DX1.h5").touch()  # a dry run only looks for the file
+    gpus = {}
+    for source in ("import", "embed"):
+        emb = {"source": source, "import_dir": str(imp)} if source == "import" else {}
+        work = make_workdir(tmp_path / source, {**SMALL, "embedding": emb, "sharding": {"slides_per_job": slides_per_job}})
+        res = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "test_config.yaml", "--profile",
+                              "profiles/slurm", "-n"], cwd=work, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        seen, name = {}, None  # rule name -> gpu of its jobs (group jobs print their rules indented)
+        for line in (res.stdout + res.stderr).splitlines():
+            if m := re.match(r"\s*rule (\w+):$", line):
+                name = m.group(1)
+            elif (m := re.match(r"\s*resources: .*\bgpu=(\d+)", line)) and name:
+                seen.setdefault(name, set()).add(m.group(1))
+        gpus[source] = {r: "".join(sorted(seen.get(r, ()))) for r in (rule, "train")}
+    assert gpus["import"] == {rule: "0", "train": "1"}, gpus
+    assert gpus["embed"] == {rule: "1", "train": "1"}, gpus
 
 
 def test_install_profile_makes_bare_profile_name_work(tmp_path):

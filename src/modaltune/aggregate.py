@@ -145,8 +145,7 @@ def common_patient_runs(df: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     rows = []
     for (seed, fold, cohort), g in preds.groupby(["seed", "fold", "eval_cohort"]):
-        by_model = {m: p for m, p in g.groupby("model_id")}
-        scored = paired_metrics(by_model)
+        scored = paired_metrics(dict(tuple(g.groupby("model_id"))))
         flags = g.drop_duplicates("model_id").set_index("model_id")
         for _, r in scored.iterrows():
             f = flags.loc[r["model"]]
@@ -243,8 +242,7 @@ def with_common_task_metrics(df: pd.DataFrame, common_runs: pd.DataFrame) -> pd.
     task differences compare models on the same patients); runs without predictions get NaN."""
     key = ["model_id", "seed", "fold", "eval_cohort"]
     cols = ["task_subtype_bacc", "task_survival_cindex"]
-    out = df.drop(columns=cols).merge(common_runs[key + cols], on=key, how="left")
-    return out
+    return df.drop(columns=cols).merge(common_runs[key + cols], on=key, how="left")
 
 
 def paired_comparisons(df: pd.DataFrame) -> pd.DataFrame:
