@@ -201,6 +201,67 @@ def collect(workdir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _pca_view(table: pd.DataFrame, ids, train: np.ndarray, n_components: int) -> np.ndarray:
+    """Rows ``ids`` of ``table``, standardised and PCA-reduced with both fitted on the ``train`` rows; a
+    missing row (no RNA) gets the training mean."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    x = table.reindex(ids).to_numpy(float)
+    x = np.where(np.isnan(x), np.nanmean(x[train], axis=0), x)
+    scaler = StandardScaler().fit(x[train])
+    pca = PCA(n_components, random_state=0).fit(scaler.transform(x[train]))
+    return pca.transform(scaler.transform(x))
+
+
+def reference_fusion(workdir: Path, n_components: int = 8) -> pd.DataFrame:
+    """A plain reference on the same folds (diagnostic, not the check): per patient the mean tile feature
+    and the RNA genes of the workflow's own files, each reduced by PCA (``n_components``, fitted on the
+    fold's training patients) and fed to the evaluator's probes (``probes.probe_embeddings``: the same LR and
+    Cox probes as every model). Rows "slides", "rna", "slides+rna" per (fold): shows whether the
+    multimodal gain is reachable at this cohort size by a simple learner. No seeds: nothing is random."""
+    import h5py
+
+    from modaltune.probes import probe_embeddings
+    from modaltune.shards import expand_feature_inputs
+
+    res = workdir / "results" / "science"
+    cases = pd.read_parquet(res / "clinical" / "cases.parquet").set_index("patient_id")
+    sheet = pd.read_csv(workdir / "cohort" / "cohort_sheet.tsv", sep="\t").set_index("slide_id")
+    tiles: dict[str, list[np.ndarray]] = {}
+    for f in expand_feature_inputs(sorted(str(p) for p in (res / "features").glob("*/shards/*.tsv"))):
+        with h5py.File(workdir / f, "r") as h5:
+            tiles.setdefault(sheet.at[Path(f).stem, "patient_id"], []).append(h5["features"][()])
+    slide = pd.DataFrame({p: np.concatenate(v).mean(0) for p, v in tiles.items()}).T
+    rna = pd.read_parquet(res / "genomics" / "pathways.parquet").drop(columns="sample_id", errors="ignore")
+    splits = pd.read_parquet(res / "splits" / "kfold.parquet")
+    rows = []
+    for fold, sp in splits.groupby("fold"):
+        sp = sp[sp["patient_id"].isin(slide.index)]
+        ids, part = sp["patient_id"].to_numpy(), sp["partition"].to_numpy()
+        tr = part == "train"
+        views = {"slides": _pca_view(slide, ids, tr, n_components), "rna": _pca_view(rna, ids, tr, n_components)}
+        views["slides+rna"] = np.hstack([views["slides"], views["rna"]])
+        c = cases.loc[ids]
+        for name, x in views.items():
+            out = probe_embeddings(x, part, c["label"].to_numpy(int), c["survival_months"].to_numpy(float),
+                                   c["event"].to_numpy(float), score_on=("test",))
+            rows.append({"inputs": name, "fold": int(fold), "subtype": out["test_bacc"],
+                         "survival": out["test_cindex"]})
+    return pd.DataFrame(rows)
+
+
+def render_reference(ref: pd.DataFrame, n_components: int = 8) -> str:
+    lines = [f"Reference (diagnostic, not the check): PCA-{n_components} of the mean tile feature and/or of the RNA "
+             "genes (fitted on each fold's training patients) + the same LR / Cox probes, same folds; mean ± std "
+             "over folds.", "", "| inputs | subtype bal. acc. | survival C-index | folds |", "|---|---|---|---|"]
+    for name in ("slides", "rna", "slides+rna"):
+        g = ref[ref["inputs"] == name]
+        cells = [f"{g[t].astype(float).mean():.3f} ± {g[t].astype(float).std():.3f}" for t in TASKS]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {len(g)} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_latents(df: pd.DataFrame) -> str:
     """Per model: median [IQR] over runs of the held-out R^2 of s and g (one badly extrapolating fold
     would dominate a mean), and the median selected epoch."""
@@ -343,6 +404,8 @@ def main(argv=None) -> int:
                           "Secondary (not the check): each model's reported task metric, head or probe "
                           "(a model trained for one task is missing from the other).")
     text += "\n" + render_latents(df)
+    if (args.workdir / "cohort" / "truth.tsv").is_file():
+        text += "\n" + render_reference(reference_fusion(args.workdir))
     print(text)
     print(json.dumps({"check": tests, "task_metrics": task_tests}, indent=1))
     if args.out:

@@ -642,3 +642,39 @@ def test_bench_science_latent_r2_finds_only_the_carried_latent():
     emb2 = noise.copy()
     emb2[150:, 1] += 3 * lat["pathway_signal"].to_numpy()[150:]
     assert bench.latent_r2(emb2, part, lat)["pathway_signal"] < 0.1
+
+
+def test_bench_science_reference_fusion_reads_the_workflow_files(tmp_path):
+    """The PCA + probe reference finds the modality that carries the class, on each fold's test patients."""
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    n, res = 120, tmp_path / "results" / "science"
+    ids = [f"P{i:03d}" for i in range(n)]
+    label = rng.integers(0, 2, n)
+    for d in ("clinical", "genomics", "splits", "features/tiny/shards/0"):
+        (res / d).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cohort").mkdir()
+    pd.DataFrame({"patient_id": ids, "label": label, "survival_months": rng.exponential(20, n) * np.exp(-label),
+                  "event": rng.integers(0, 2, n)}).to_parquet(res / "clinical" / "cases.parquet")
+    genes = rng.standard_normal((n, 30))
+    genes[:, :5] += 2.0 * label[:, None]  # RNA carries the class
+    pd.DataFrame(genes, index=pd.Index(ids, name="patient_id")).rename(columns=str).assign(
+        sample_id=[f"{p}-01" for p in ids]).to_parquet(res / "genomics" / "pathways.parquet")
+    slides = [f"{p}-DX1" for p in ids]
+    pd.DataFrame({"slide_id": slides, "patient_id": ids}).to_csv(tmp_path / "cohort" / "cohort_sheet.tsv", sep="\t",
+                                                                 index=False)
+    manifest = []
+    for s in slides:  # slides carry nothing
+        f = f"results/science/features/tiny/shards/0/{s}.h5"
+        with h5py.File(tmp_path / f, "w") as h5:
+            h5["features"] = rng.standard_normal((6, 16)).astype(np.float32)
+        manifest.append({"slide_id": s, "tiles_h5": "", "features_h5": f, "status": "ok", "error": ""})
+    pd.DataFrame(manifest).to_csv(res / "features" / "tiny" / "shards" / "0.tsv", sep="\t", index=False)
+    part = np.array(["train"] * 90 + ["val"] * 10 + ["test"] * 20)
+    pd.DataFrame([{"patient_id": p, "fold": k, "partition": part[(i + 40 * k) % n], "site": "BRCA", "flags": ""}
+                  for k in range(2) for i, p in enumerate(ids)]).to_parquet(res / "splits" / "kfold.parquet")
+    ref = bench.reference_fusion(tmp_path, n_components=4)
+    assert len(ref) == 6 and set(ref["fold"]) == {0, 1}
+    mean = ref.groupby("inputs")["subtype"].mean()
+    assert mean["rna"] > 0.9 and mean["slides+rna"] > 0.85 and mean["slides"] < 0.75
+    assert "| rna |" in bench.render_reference(ref, 4)

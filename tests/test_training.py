@@ -290,6 +290,20 @@ def test_selection_auto_uses_the_models_own_task(cohort, tmp_path):
     assert all(c == HISTORY_COLUMNS + ["criterion"] for c in cols.values())  # one column set for all models
 
 
+def test_model_block_training_overrides_the_global_selection(cohort, tmp_path):
+    """models.<name>.training applies to that model only: here selection loss over the global auto (bacc)."""
+    from modaltune.training import train_run
+
+    res = train_run(**run_args(cohort, tmp_path / "r", train_cfg={"epochs": 3, "val_cindex": False,
+                                                                   "selection": "auto"},
+                               model_cfg={"arch": "tiny_test", "objective": "text_kl",
+                                          "training": {"selection": "loss"}}))
+    hist = pd.read_parquet(tmp_path / "r" / "history.parquet")
+    assert res["selection"]["criterion"] == "val_loss" and set(hist["criterion"]) == {"val_loss"}
+    np.testing.assert_allclose(hist["selection_score"], -hist["val_loss"])
+    assert res["best_epoch"] == int(len(hist) - 1 - np.argmin(hist["val_loss"].to_numpy()[::-1]))
+
+
 def test_explicit_selection_checked_against_objective():
     from modaltune.errors import InputError
     from modaltune.training import resolve_selection
