@@ -387,6 +387,8 @@ def main(argv=None) -> int:
         tests = null_tests(df)
         text = render_null(tests, f"Null control: {df['model'].nunique()} models, {len(df)} runs"
                            + (f"; workflow wall time {wall / 60:.1f} min" if wall else ""))
+        if (args.workdir / "cohort" / "truth.tsv").is_file():  # the reference must be at chance as well
+            text += "\n" + render_reference(reference_fusion(args.workdir))
         print(text)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
