@@ -21,8 +21,10 @@ def aggregate_metrics(cohort):
 
 
 def qc_thumbnails(cohort):
-    """Tiling QC thumbnails declared by the per-slide tile rule (shard jobs list theirs in the manifest)."""
-    if SLIDES_PER_JOB > 1:
+    """Tiling QC thumbnails declared by the per-slide tile rule (shard jobs list theirs in the manifest;
+    imported features are not tiled here, so asking for thumbnails would run tiling for nothing).
+    """
+    if SLIDES_PER_JOB > 1 or IMPORTING:
         return []
     return [
         f"{RESULTS}/{c}/tiles/{s}.png"
@@ -43,7 +45,8 @@ def benchmark_files(cohort):
         ]
     else:
         slides = [(c, s) for c in members for s in SHEETS[c].index]
-        out["tile"] = [f"benchmarks/out/tile/{c}/{s}.tsv" for c, s in slides]
+        if not IMPORTING:  # imported features are not tiled here
+            out["tile"] = [f"benchmarks/out/tile/{c}/{s}.tsv" for c, s in slides]
         out["embed_patches"] = [
             f"benchmarks/out/embed_patches/{c}/{ENCODER}/{s}.tsv" for c, s in slides
         ]

@@ -168,9 +168,11 @@ def test_importing_features_requests_no_gpu_through_the_slurm_profile(tmp_path, 
         for line in (res.stdout + res.stderr).splitlines():
             if m := re.match(r"\s*rule (\w+):$", line):
                 name = m.group(1)
+                seen.setdefault(name, set())
             elif (m := re.match(r"\s*resources: .*\bgpu=(\d+)", line)) and name:
                 seen.setdefault(name, set()).add(m.group(1))
         gpus[source] = {r: "".join(sorted(seen.get(r, ()))) for r in (rule, "train")}
+        assert ("tile" in seen) == (source == "embed" and slides_per_job == 1)  # imported: nothing is tiled
     assert gpus["import"] == {rule: "0", "train": "1"}, gpus
     assert gpus["embed"] == {rule: "1", "train": "1"}, gpus
 
