@@ -15,6 +15,12 @@ sees one modality can reach what a model seeing both can. This script
 Metrics are the linear-probe headline numbers (subtype balanced accuracy, survival C-index), i.e. the same
 probe fitted on train embeddings and scored on the same test patients for every model.
 
+Printed with the tables, none of them part of the check: each model's reported task metric; the held-out
+R^2 of the planted latents s and g from each model's embedding (``latent_r2``); a plain reference on the
+same folds (PCA of the mean tile feature and/or the RNA genes + the same probes, ``reference_fusion``),
+which shows whether the multimodal gain is reachable at the cohort's size. ``VARIANTS`` are extra models
+for diagnosis (name them in ``--models``).
+
     python benchmarks/bench_science.py --workdir WORKDIR --out benchmarks/results/science.md
     python benchmarks/bench_science.py --workdir WORKDIR --analyze-only   # tables from a finished run
     python benchmarks/bench_science.py --workdir WORKDIR_NULL --null --seeds 0   # the null control
