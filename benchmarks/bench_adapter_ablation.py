@@ -69,10 +69,9 @@ def constant_floor(text_h5: Path, prompt_index, projector_dim: int, seed: int, k
 
 def main(argv=None) -> int:
     import torch
-    from bench_science import bench_models
+    from bench_science import bench_models, feature_files
 
     from modaltune.evaluation import evaluate_run
-    from modaltune.shards import expand_feature_inputs
     from modaltune.training import train_run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -93,10 +92,7 @@ def main(argv=None) -> int:
     base = copy.deepcopy(config["models"]["modaltune"])
     base.update(copy.deepcopy(bench_models(["modaltune"])["modaltune"]))
     truth = pd.read_csv(args.workdir / "cohort" / "truth.tsv", sep="\t").set_index("patient_id")
-    # The workflow's feature inputs: shard manifests (sharded runs) or one HDF5 per slide.
-    inputs = sorted(str(p) for p in (res / "features").glob("*/shards/*.tsv")) or sorted(
-        str(p) for p in (res / "features").glob("*/*.h5"))
-    feats = expand_feature_inputs(inputs)
+    feats = feature_files(res)
     common = dict(cases_path=str(res / "clinical" / "cases.parquet"), splits_path=str(res / "splits" / "kfold.parquet"),
                   fold=args.fold, pathways_path=str(res / "genomics" / "pathways.parquet"), feature_files=feats,
                   sheet=[str(args.workdir / "cohort" / "cohort_sheet.tsv")])

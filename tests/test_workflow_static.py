@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.workflow_helpers import SMALL, make_workdir
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -152,8 +154,6 @@ def test_dry_run_with_and_without_profile(tmp_path):
 def test_importing_features_requests_no_gpu_through_the_slurm_profile(tmp_path, slides_per_job, rule):
     """embedding.source: import converts existing features on the CPU: the embedding jobs get gpu=0 under
     the SLURM profile (sbatch without --gpus), training still gets its GPU; embedding from slides gets one."""
-    from tests.workflow_helpers import SMALL, make_workdir
-
     imp = tmp_path / "imported"
     imp.mkdir()
     (imp / "TCGA-D0-A001-01Z-00-DX1.h5").touch()  # a dry run only looks for the file
