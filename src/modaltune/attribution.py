@@ -60,8 +60,10 @@ def occlusion_scores(model, batches: Sequence[dict], output_fn: Callable, *, chu
         if state["paths"] is None:
             return None
         out = out.clone()
-        rows = torch.arange(out.shape[0], device=out.device)
-        out[rows, state["paths"]] = ref_tokens[0, state["paths"]].to(out.dtype)
+        # Row 0 is the intact input; row r > 0 gets pathway paths[r - 1] replaced.
+        paths = state["paths"]
+        rows = torch.arange(1, len(paths) + 1, device=out.device)
+        out[rows, paths] = ref_tokens[0, paths].to(out.dtype)
         return out
 
     handle = towers.register_forward_hook(hook)
@@ -71,14 +73,17 @@ def occlusion_scores(model, batches: Sequence[dict], output_fn: Callable, *, chu
             for i, batch in enumerate(batches):
                 state["paths"] = None
                 base_out = model(batch)
-                base = output_fn(base_out, None)
                 for start in range(0, n_p, chunk):
                     paths = torch.arange(start, min(n_p, start + chunk), device=ref_tokens.device)
-                    rep = {k: (v.expand(len(paths), *v.shape[1:]) if torch.is_tensor(v) and v.shape[:1] == (1,)
-                               else (v * len(paths) if isinstance(v, list) else v)) for k, v in batch.items()}
+                    # The intact input rides along as row 0, so that it and the occluded rows go through the
+                    # same batched kernels: a token the output does not read then changes it by exactly 0
+                    # (a separate batch-of-one call can round differently in float32).
+                    n = len(paths) + 1
+                    rep = {k: (v.expand(n, *v.shape[1:]) if torch.is_tensor(v) and v.shape[:1] == (1,)
+                               else (v * n if isinstance(v, list) else v)) for k, v in batch.items()}
                     state["paths"] = paths
                     occ = output_fn(model(rep), base_out)
-                    deltas[i, start:start + len(paths)] = (occ - base[0]).cpu().numpy()
+                    deltas[i, start:start + len(paths)] = (occ[1:] - occ[0]).cpu().numpy()
     finally:
         handle.remove()
     return deltas
