@@ -579,6 +579,37 @@ def test_bench_science_paired_test_passes_only_on_a_consistent_win():
     assert {t["task"] for t in task_tests} == {"subtype"}
 
 
+def test_bench_science_check_is_each_model_on_the_task_it_was_trained_for():
+    bench = _bench()
+    rng = np.random.default_rng(2)
+    base = 0.6 + 0.05 * rng.standard_normal(15)
+    win = base + 0.05 + 0.01 * rng.random(15)
+    df = _bench_runs({"abmil": (base, base), "snn": (base - 0.1, base - 0.1), "modaltune": (win, win),
+                      "abmil_cat": (base - 0.05, win), "abmil_cat_cls": (win, base - 0.2)})
+    df["trained_for"] = df["model"].map({"abmil_cat": "survival", "abmil_cat_cls": "subtype", "modaltune": "both",
+                                         "abmil": "subtype", "snn": "survival"})
+    _, tests = bench.paired_tests(df)
+    res = {(t["task"], t["model"]): t for t in tests}
+    assert set(res) == {(t, m) for t in ("subtype", "survival") for m in ("modaltune", "abmil_cat", "abmil_cat_cls")}
+    own = {k for k, t in res.items() if t["own_task"]}
+    assert own == {("subtype", "modaltune"), ("survival", "modaltune"), ("survival", "abmil_cat"),
+                   ("subtype", "abmil_cat_cls")}
+    # The survival-trained late fusion loses on the subtype and the subtype-trained one on survival: shown,
+    # not part of the check, which passes on the own-task rows.
+    assert not res[("subtype", "abmil_cat")]["pass"] and not res[("survival", "abmil_cat_cls")]["pass"]
+    assert bench.check_passed(tests)
+    # A loss on a task the model was trained for fails the check.
+    df.loc[df["model"] == "abmil_cat_cls", "subtype"] = base - 0.05
+    assert not bench.check_passed(bench.paired_tests(df)[1])
+    assert not bench.check_passed([])
+    # The late-fusion variant is the same model with another objective (and no slide-encoder backbone).
+    m = bench.bench_models(["abmil_cat", "abmil_cat_cls"])
+    variant = dict(m["abmil_cat_cls"])
+    assert variant.pop("objective") == "classification" and variant.pop("arch") == "late_fusion"
+    assert "backbone" not in variant and variant["slide"] == m["abmil_cat"]["slide"]
+    assert variant["genes"] == m["abmil_cat"]["genes"]
+
+
 def test_bench_science_null_control_and_label_permutation(tmp_path):
     bench = _bench()
     rng = np.random.default_rng(1)
