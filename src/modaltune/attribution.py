@@ -45,8 +45,8 @@ def pathway_towers(model):
 
 def occlusion_scores(model, batches: Sequence[dict], output_fn: Callable, *, chunk: int = 8) -> np.ndarray:
     """(n_patients, P) change of ``output_fn(model(batch))`` when pathway token p is replaced by the
-    average-patient token. ``batches`` hold one patient each; ``output_fn(out, ref)`` returns (B,) floats
-    (``ref`` = its value on the intact input, for outputs that depend on the predicted class)."""
+    average-patient token. ``batches`` hold one patient each; ``output_fn(out)`` returns (B,) floats for a
+    batch whose row 0 is the intact input (outputs that depend on the predicted class take it from row 0)."""
     import torch
 
     towers = pathway_towers(model)
@@ -57,8 +57,6 @@ def occlusion_scores(model, batches: Sequence[dict], output_fn: Callable, *, chu
         ref_tokens = towers(torch.zeros(1, towers.max_index + 1, device=next(model.parameters()).device))
 
     def hook(_m, _args, out):
-        if state["paths"] is None:
-            return None
         out = out.clone()
         # Row 0 is the intact input; row r > 0 gets pathway paths[r - 1] replaced.
         paths = state["paths"]
@@ -71,8 +69,6 @@ def occlusion_scores(model, batches: Sequence[dict], output_fn: Callable, *, chu
     try:
         with torch.inference_mode():
             for i, batch in enumerate(batches):
-                state["paths"] = None
-                base_out = model(batch)
                 for start in range(0, n_p, chunk):
                     paths = torch.arange(start, min(n_p, start + chunk), device=ref_tokens.device)
                     # The intact input rides along as row 0, so that it and the occluded rows go through the
@@ -82,7 +78,7 @@ def occlusion_scores(model, batches: Sequence[dict], output_fn: Callable, *, chu
                     rep = {k: (v.expand(n, *v.shape[1:]) if torch.is_tensor(v) and v.shape[:1] == (1,)
                                else (v * n if isinstance(v, list) else v)) for k, v in batch.items()}
                     state["paths"] = paths
-                    occ = output_fn(model(rep), base_out)
+                    occ = output_fn(model(rep))
                     deltas[i, start:start + len(paths)] = (occ[1:] - occ[0]).cpu().numpy()
     finally:
         handle.remove()
@@ -95,11 +91,11 @@ def head_output(objective: str) -> Callable:
 
     from modaltune.losses import risk_from_hazards
 
-    def fn(out, ref):
+    def fn(out):
         if objective == "survival":
             return risk_from_hazards(out["hazards"]).float()
         logits = out["logits"].float()
-        cls = (ref["logits"] if ref is not None else logits).argmax(1)[:1].expand(logits.shape[0])
+        cls = logits[:1].argmax(1).expand(logits.shape[0])  # the class predicted for the intact row 0
         logp = torch.log_softmax(logits, 1)
         rows = torch.arange(logits.shape[0], device=logits.device)
         p = logp[rows, cls]
@@ -112,7 +108,7 @@ def probe_output(probe, token: int | None, task: str) -> Callable:
     """output_fn for an embedding model: a fitted probe on token ``token`` of ``out["embedding"]``."""
     import torch
 
-    def fn(out, _ref):
+    def fn(out):
         emb = out["embedding"].float()
         x = (emb[:, token] if emb.dim() == 3 else emb).cpu().numpy()
         if task == "survival":
